@@ -1,0 +1,79 @@
+"""The `mnistlab` command: a thin layer over the library.
+
+Subcommands are imported only when they run, so `mnistlab --help` and `--version` never pay for
+torch or matplotlib. Errors a user can cause (MnistlabError) become one line and exit status 1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import MnistlabError
+
+# name -> "module:attribute" under mnistlab.cli; adding a command is one line here.
+COMMANDS = {
+    "data": "data:data",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy or {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            module, attr = self.lazy[name].split(":")
+            return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Listing short help would import every command; show names and a fixed blurb instead.
+        rows = [(name, HELP.get(name, "")) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+HELP = {
+    "data": "Download, verify and inspect MNIST.",
+}
+
+
+@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="mnistlab")
+def cli() -> None:
+    """mnistlab: handwritten-digit classification with PyTorch, end to end."""
+
+
+def fail(message: str, code: int = 1) -> None:
+    click.echo(f"mnistlab: error: {message}", err=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        rc = cli.main(args=argv, prog_name="mnistlab", standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except MnistlabError as e:
+        fail(str(e))
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        fail("aborted", 130)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except BrokenPipeError:
+        sys.exit(1)
