@@ -17,6 +17,9 @@ from ..errors import MnistlabError
 # name -> "module:attribute" under mnistlab.cli; adding a command is one line here.
 COMMANDS = {
     "data": "data:data",
+    "train": "train:train",
+    "evaluate": "evaluate:evaluate",
+    "models": "models:models",
 }
 
 
@@ -46,6 +49,9 @@ class LazyGroup(click.Group):
 
 HELP = {
     "data": "Download, verify and inspect MNIST.",
+    "train": "Train a model into a run folder (the lab's recipe by default).",
+    "evaluate": "Accuracy, per-class report and confusion matrix of a run or weights file.",
+    "models": "List the registered models and training recipes.",
 }
 
 
@@ -68,9 +74,11 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(e))
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except click.UsageError as e:
+        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        fail(e.format_message().replace("\n", " ") + where, e.exit_code)
     except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        fail(e.format_message().replace("\n", " "), e.exit_code)
     except click.exceptions.Abort:
         fail("aborted", 130)
     except KeyboardInterrupt:

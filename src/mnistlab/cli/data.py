@@ -74,11 +74,13 @@ def show(index: int, split: str, normalized: bool, out: str | None, root: str | 
     label = int(labels[index])
     if normalized:
         image = normalize(images[index : index + 1])[0]
-        click.echo(f"type: torch.Tensor, shape: {tuple(image.shape)}, dtype: float32, label: {label}")
+        shape = tuple(image.shape)
+        click.echo(f"type: torch.Tensor, shape: {shape}, dtype: float32, label: {label}")
         click.echo(f"min {float(image.min()):.4f}, max {float(image.max()):.4f}")
     else:
         image = images[index]
-        click.echo(f"type: grayscale image, size: {tuple(image.shape)}, dtype: uint8, label: {label}")
+        size = tuple(image.shape)
+        click.echo(f"type: grayscale image, size: {size}, dtype: uint8, label: {label}")
     fig = display_image(image, label, normalized=normalized)
     out = out or f"{split}-{index}{'-normalized' if normalized else ''}.png"
     save_figure(fig, out)

@@ -1,0 +1,58 @@
+"""`mnistlab evaluate`: metrics of a run or a weights file on one split."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .options import json_option, root_option
+
+
+@click.command()
+@click.argument("source", metavar="RUN_OR_WEIGHTS")
+@click.option(
+    "--split",
+    type=click.Choice(["test", "val", "train"]),
+    default="test",
+    show_default=True,
+    help="val: the run's own validation split.",
+)
+@click.option("--best", is_flag=True, help="Use the run's best validation weights.")
+@click.option("--runs-dir", default="runs", show_default=True)
+@json_option
+@root_option
+def evaluate(source, split, best, runs_dir, as_json, root) -> None:
+    """Accuracy, loss, per-class report, confusion matrix and most-confused pairs."""
+    from pathlib import Path
+
+    from ..checkpoints import load_model
+    from ..data import BatchLoader, load_mnist, split_indices
+    from ..errors import MnistlabError
+    from ..metrics import classification_metrics, format_report
+    from ..runs import find_run
+    from ..training import predict_logits
+
+    path = Path(source)
+    if not path.exists():
+        path = find_run(source, runs_dir)
+    model, info = load_model(path, best=best)
+    config = info.get("config", {})
+    images, labels = load_mnist(root, "test" if split == "test" else "train")
+    if split != "test":
+        fraction = config.get("val_split") or 0.0
+        if split == "val" and not fraction:
+            raise MnistlabError(f"{source} has no validation split; use --split test or train")
+        if fraction:
+            train_idx, val_idx = split_indices(labels, fraction, seed=config.get("seed", 0))
+            keep = val_idx if split == "val" else train_idx
+            images, labels = images[keep], labels[keep]
+    loader = BatchLoader(images, labels, batch_size=1000)
+    logits, y = predict_logits(model, loader)
+    metrics = classification_metrics(logits, y)
+    metrics.update(model=info["model"], source=str(path), split=split)
+    if as_json:
+        click.echo(json.dumps(metrics))
+    else:
+        click.echo(f"{info['model']} from {path}, {split} split")
+        click.echo(format_report(metrics))

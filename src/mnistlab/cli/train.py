@@ -1,0 +1,98 @@
+"""`mnistlab train`: flags map one to one onto TrainConfig fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+
+import click
+
+from .options import root_option
+
+# Help for each TrainConfig field; the option is --field-name, default taken from the recipe.
+FIELD_HELP = {
+    "model": "Model name (see `mnistlab models`). Default: mlp.",
+    "optimizer": "adam, adamw, sgd or rmsprop. Default: adam.",
+    "lr": "Learning rate. Default: 0.001.",
+    "weight_decay": "Weight decay. Default: 0.",
+    "momentum": "Momentum for sgd and rmsprop. Default: 0.",
+    "nesterov": "Nesterov momentum for sgd.",
+    "schedule": "Learning-rate schedule: none, step, cosine or onecycle. Default: none.",
+    "step_size": "Epochs between decays for --schedule step. Default: 1.",
+    "gamma": "Decay factor for --schedule step. Default: 0.7.",
+    "label_smoothing": "Label smoothing of the training loss. Default: 0.",
+    "grad_clip": "Clip the gradient norm to this value; 0 is off. Default: 0.",
+    "batch_size": "Training batch size. Default: 64.",
+    "eval_batch_size": "Evaluation batch size. Default: 1000.",
+    "epochs": "Epochs. Default: 5.",
+    "seed": "Random seed. Default: 0.",
+    "device": "auto, cpu, cuda or mps. Default: auto (CUDA, then MPS, then CPU).",
+    "threads": "Torch CPU threads; 0 keeps torch's default.",
+    "val_split": "Hold out this fraction of the training set for validation. Default: off.",
+    "early_stop": "Stop when validation loss has not improved for N epochs. Default: off.",
+    "log_every": "Steps between progress lines. Default: 7 lines an epoch.",
+}
+SKIP = {"recipe", "model_args"}
+
+
+def _config_options(func):
+    from ..config import TrainConfig
+
+    for f in reversed([f for f in dataclasses.fields(TrainConfig) if f.name not in SKIP]):
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        if kind is bool:
+            func = click.option(
+                f"{flag}/--no-{flag[2:]}", f.name, default=None, help=FIELD_HELP[f.name]
+            )(func)
+        else:
+            func = click.option(flag, f.name, type=kind, default=None, help=FIELD_HELP[f.name])(
+                func
+            )
+    return func
+
+
+@click.command()
+@click.option(
+    "--recipe", default=None, help="Named preset (`mnistlab models --recipes`). Default: lab."
+)
+@_config_options
+@click.option("--name", default=None, help="Run folder name. Default: a timestamp.")
+@click.option("--runs-dir", default="runs", show_default=True, help="Parent folder of runs.")
+@click.option("--resume", default=None, metavar="RUN", help="Continue an interrupted run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object.")
+@click.option("--no-progress", is_flag=True, help="No progress bar, even on a terminal.")
+@root_option
+def train(recipe, name, runs_dir, resume, as_json, no_progress, root, **flags) -> None:
+    """Train a model; every run leaves a self-describing folder under runs/."""
+    started = time.perf_counter()
+    from ..config import resolve_config
+    from ..experiment import train_run
+
+    def log(line: str) -> None:
+        click.echo(line, err=as_json)
+
+    if resume is not None:
+        asked = {k: v for k, v in flags.items() if v is not None}
+        if recipe is not None:
+            asked["recipe"] = recipe
+        cfg = None
+    else:
+        cfg = resolve_config(recipe or "lab", **flags)
+        asked = {}
+        log("Config: " + json.dumps(cfg.to_dict()))
+    summary = train_run(
+        cfg,
+        root=root,
+        runs_dir=runs_dir,
+        name=name,
+        resume=resume,
+        resume_check=asked,
+        log=log,
+        progress=sys.stderr.isatty() and not no_progress,
+        started=started,
+    )
+    if as_json:
+        click.echo(json.dumps(summary))

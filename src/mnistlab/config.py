@@ -1,0 +1,135 @@
+"""Training configuration: one dataclass whose defaults are the lab's recipe, plus named recipes.
+
+Precedence: dataclass defaults < recipe < explicit flags. The resolved config is saved with a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import MnistlabError
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+SCHEDULES = ("none", "step", "cosine", "onecycle")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "lab"
+    model: str = "mlp"
+    optimizer: str = "adam"
+    lr: float = 0.001
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd and rmsprop
+    nesterov: bool = False  # sgd
+    schedule: str = "none"
+    step_size: int = 1  # epochs between decays, for the step schedule
+    gamma: float = 0.7  # decay factor, for the step schedule
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0  # max gradient norm; 0 turns clipping off
+    batch_size: int = 64
+    eval_batch_size: int = 1000
+    epochs: int = 5
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # torch threads; 0 keeps torch's default
+    val_split: float = 0.0  # fraction of the training set held out; 0 turns validation off
+    early_stop: int = 0  # patience in epochs on validation loss; 0 turns it off
+    log_every: int = 0  # steps between the lab's progress lines; 0 means 7 lines an epoch
+    model_args: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> TrainConfig:
+        from .models import MODELS
+
+        def bad(msg: str) -> MnistlabError:
+            return MnistlabError(msg)
+
+        if self.model not in MODELS:
+            raise bad(f"unknown model {self.model!r}; choose one of: {', '.join(MODELS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad(
+                f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise bad(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        if self.device not in DEVICES:
+            raise bad(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "step_size"):
+            if getattr(self, name) <= 0:
+                raise bad(f"{name.replace('_', ' ')} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise bad(f"learning rate must be positive, got {self.lr}")
+        if self.val_split and not 0.0 < self.val_split < 1.0:
+            raise bad(
+                f"validation fraction must be between 0 and 1 (exclusive), got {self.val_split}"
+            )
+        if self.early_stop < 0 or self.log_every < 0 or self.threads < 0:
+            raise bad("early stop patience, log interval and threads must not be negative")
+        if self.early_stop and not self.val_split:
+            raise bad("--early-stop needs a validation split: add --val-split FRACTION")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise bad(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.momentum < 0:
+            raise bad("weight decay, gradient clipping and momentum must not be negative")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise MnistlabError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    overrides: dict[str, Any]
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(name: str, description: str, **overrides: Any) -> None:
+    RECIPES[name] = Recipe(name, description, overrides)
+
+
+register_recipe("lab", "The lab: SimpleMNISTDNN, Adam 0.001, batch 64, 5 epochs.")
+register_recipe(
+    "logreg",
+    "The lab's logistic regression: Linear(784, 10) with plain SGD.",
+    model="logreg",
+    optimizer="sgd",
+    lr=0.1,
+    epochs=5,
+)
+register_recipe(
+    "advanced",
+    "The lab's Advanced model: mlp-bn, Adam 0.001 with weight decay 1e-5, 10 epochs.",
+    model="mlp-bn",
+    weight_decay=1e-5,
+    epochs=10,
+)
+register_recipe(
+    "cnn",
+    "The PyTorch MNIST example convnet, Adam 0.001, batch 64, 3 epochs.",
+    model="cnn",
+    epochs=3,
+)
+
+
+def resolve_config(recipe: str = "lab", **flags: Any) -> TrainConfig:
+    """Defaults, then the recipe's values, then every flag that is not None."""
+    if recipe not in RECIPES:
+        raise MnistlabError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
+    values: dict[str, Any] = {"recipe": recipe, **RECIPES[recipe].overrides}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return TrainConfig.from_dict(values).validate()

@@ -1,0 +1,193 @@
+"""One training run end to end: data → loaders → model → fit → run folder.
+
+`train_run` is what `mnistlab train` calls; it is just as usable from Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoints as ck
+from . import runs
+from .config import TrainConfig
+from .data import BatchLoader, load_mnist, split_indices
+from .errors import MnistlabError
+from .models import count_parameters, create_model
+from .training import FitState, build_optimizer, build_scheduler, evaluate, fit, select_device
+
+
+@dataclasses.dataclass
+class Data:
+    train: BatchLoader
+    test: BatchLoader
+    val: BatchLoader | None
+
+
+def make_loaders(
+    cfg: TrainConfig, root: str | os.PathLike[str] | None, device: torch.device
+) -> Data:
+    """The lab's loaders: shuffled training batches, a seeded validation split if asked for."""
+    images, labels = load_mnist(root, "train", download=True)
+    test_images, test_labels = load_mnist(root, "test", download=True)
+    val = None
+    if cfg.val_split:
+        train_idx, val_idx = split_indices(labels, cfg.val_split, seed=cfg.seed)
+        val = BatchLoader(images[val_idx], labels[val_idx], cfg.eval_batch_size, device=device)
+        images, labels = images[train_idx], labels[train_idx]
+    train = BatchLoader(images, labels, cfg.batch_size, shuffle=True, seed=cfg.seed, device=device)
+    test = BatchLoader(test_images, test_labels, cfg.eval_batch_size, device=device)
+    return Data(train, test, val)
+
+
+def _check_resume(run_dir: Path, asked: dict[str, Any]) -> TrainConfig:
+    """The saved config of an unfinished run; `asked` settings must agree with it."""
+    if runs.is_complete(run_dir):
+        raise MnistlabError(f"run {run_dir} is already complete; start a new run instead")
+    if not (run_dir / runs.CONFIG).is_file():
+        raise MnistlabError(f"{run_dir} is not a run folder (no {runs.CONFIG})")
+    saved = TrainConfig.from_dict(runs.read_json(run_dir / runs.CONFIG)).validate()
+    diffs = [
+        f"{key} {getattr(saved, key)!r}, not {value!r}"
+        for key, value in asked.items()
+        if value is not None and getattr(saved, key, value) != value
+    ]
+    if diffs:
+        raise MnistlabError(f"run {run_dir} was made with " + "; ".join(diffs))
+    return saved
+
+
+def train_run(
+    cfg: TrainConfig | None = None,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    runs_dir: str | os.PathLike[str] = runs.RUNS_DIR,
+    name: str | None = None,
+    resume: str | os.PathLike[str] | None = None,
+    resume_check: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
+    started: float | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) a run and return its summary.
+
+    Resuming takes the run's saved config; `resume_check` holds settings the caller asked for,
+    which must match it. `started` is the perf_counter reading when the command's work began.
+    """
+    started = time.perf_counter() if started is None else started
+    if resume is not None:
+        run_dir = runs.find_run(resume, runs_dir)
+        cfg = _check_resume(run_dir, resume_check or {})
+    else:
+        cfg = (cfg or TrainConfig()).validate()
+        run_dir = None  # created once the data and model are known to be good
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = select_device(cfg.device)
+    log(f"Using device: {device}")
+
+    data = make_loaders(cfg, root, device)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, **cfg.model_args).to(device)
+    optimizer = build_optimizer(cfg, model.parameters())
+    scheduler = build_scheduler(cfg, optimizer, len(data.train))
+    state = FitState()
+
+    if run_dir is None:
+        run_dir = runs.create_run_dir(runs_dir, name)
+        runs.write_json(run_dir, runs.CONFIG, cfg.to_dict())
+        runs.write_json(run_dir, runs.ENVIRONMENT, runs.environment(str(device)))
+        log(f"Run folder: {run_dir}")
+    elif (run_dir / ck.CHECKPOINT_NAME).is_file():
+        saved = ck.load_torch(run_dir / ck.CHECKPOINT_NAME)
+        ck.load_state_into(model, saved["model"], str(run_dir / ck.CHECKPOINT_NAME))
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None and saved.get("scheduler") is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        state = FitState(**saved["state"])
+        if (run_dir / ck.BEST_NAME).is_file():
+            state.best_state = ck.load_torch(run_dir / ck.BEST_NAME)
+        log(f"Resuming {run_dir} after epoch {state.epoch}/{cfg.epochs}")
+    else:
+        log(f"Resuming {run_dir} from the start (it has no complete epoch)")
+    log(f"Model: {cfg.model} ({count_parameters(model):,} parameters)")
+
+    def save(state: FitState) -> None:
+        fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(FitState)}
+        fields.pop("best_state")
+        if state.best_state is not None and state.best_epoch == state.epoch:
+            ck.save_torch(state.best_state, run_dir / ck.BEST_NAME)
+        ck.save_torch(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": torch.get_rng_state(),
+                "state": fields,
+                "config": cfg.to_dict(),
+            },
+            run_dir / ck.CHECKPOINT_NAME,
+        )
+        runs.write_metrics(run_dir, state.history)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM: stop like Ctrl-C
+    try:
+        state = fit(
+            model,
+            optimizer,
+            data.train,
+            data.test,
+            cfg,
+            val_loader=data.val,
+            scheduler=scheduler,
+            state=state,
+            on_epoch_end=save,
+            log=log,
+            progress=progress,
+        )
+    except KeyboardInterrupt:
+        raise MnistlabError(
+            f"interrupted; {run_dir} is saved after epoch {state.epoch}/{cfg.epochs}. "
+            f"Resume with: mnistlab train --resume {run_dir}"
+        ) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    if cfg.early_stop and state.best_state is not None:
+        test_loss, test_acc = evaluate(model, data.test)  # the restored best weights
+    else:
+        test_loss, test_acc = state.history[-1]["test_loss"], state.history[-1]["test_acc"]
+    seconds = time.perf_counter() - started
+    ck.save_torch(model.state_dict(), run_dir / ck.WEIGHTS_NAME)
+    val_accs = [r["val_acc"] for r in state.history if "val_acc" in r]
+    summary = {
+        "run_dir": str(run_dir),
+        "model": cfg.model,
+        "recipe": cfg.recipe,
+        "epochs": state.epoch,
+        "test_acc": test_acc,
+        "test_loss": test_loss,
+        "best_val_acc": max(val_accs) if val_accs else None,
+        "best_epoch": state.best_epoch or None,
+        "stopped_early": state.stopped_early,
+        "seconds": seconds,
+        "train_seconds": sum(r["seconds"] for r in state.history),
+        "parameters": count_parameters(model),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if not math.isfinite(test_loss):
+        log("warning: the test loss is not finite; the learning rate may be too high")
+    runs.write_json(run_dir, runs.SUMMARY, summary)
+    log(f"Final test accuracy: {test_acc:.2f}% (loss {test_loss:.4f}) in {seconds:.1f}s")
+    log(f"Saved {run_dir / ck.WEIGHTS_NAME}")
+    return summary

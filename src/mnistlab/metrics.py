@@ -1,0 +1,92 @@
+"""Classification metrics from logits and labels, via scikit-learn."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def classification_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, num_classes: int = 10
+) -> dict[str, Any]:
+    """Accuracy (%), mean cross-entropy, the per-class report with averages, confusion matrix."""
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    y_true = labels.cpu().numpy()
+    y_pred = logits.argmax(1).cpu().numpy()
+    classes = list(range(num_classes))
+    report = classification_report(
+        y_true, y_pred, labels=classes, output_dict=True, zero_division=0
+    )
+    per_class = [
+        {
+            "label": c,
+            "precision": report[str(c)]["precision"],
+            "recall": report[str(c)]["recall"],
+            "f1": report[str(c)]["f1-score"],
+            "support": int(report[str(c)]["support"]),
+        }
+        for c in classes
+    ]
+    averages = {
+        key.split()[0]: {
+            "precision": report[key]["precision"],
+            "recall": report[key]["recall"],
+            "f1": report[key]["f1-score"],
+            "support": int(report[key]["support"]),
+        }
+        for key in ("macro avg", "weighted avg")
+    }
+    cm = confusion_matrix(y_true, y_pred, labels=classes)
+    return {
+        "accuracy": 100.0 * float((y_true == y_pred).mean()),
+        "loss": float(F.cross_entropy(logits.float(), labels.long())),
+        "count": len(y_true),
+        "per_class": per_class,
+        "averages": averages,
+        "confusion_matrix": cm.tolist(),
+        "most_confused": most_confused(cm),
+    }
+
+
+def most_confused(cm: np.ndarray, top: int = 5) -> list[dict[str, int]]:
+    """The largest off-diagonal cells: how often `true` was read as `predicted`."""
+    off = np.array(cm, copy=True)
+    np.fill_diagonal(off, 0)
+    order = np.argsort(off, axis=None)[::-1][:top]
+    pairs = []
+    for flat in order:
+        t, p = divmod(int(flat), off.shape[1])
+        if off[t, p] > 0:
+            pairs.append({"true": t, "predicted": p, "count": int(off[t, p])})
+    return pairs
+
+
+def format_report(m: dict[str, Any]) -> str:
+    """The metrics as text: summary, per-class table, confusion matrix, most-confused pairs."""
+    lines = [f"accuracy {m['accuracy']:.2f}%  loss {m['loss']:.4f}  ({m['count']} images)", ""]
+    lines.append(f"{'':>12} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>9}")
+    for r in m["per_class"]:
+        lines.append(
+            f"{r['label']:>12} {r['precision']:9.4f} {r['recall']:9.4f} {r['f1']:9.4f} "
+            f"{r['support']:9d}"
+        )
+    for name, r in m["averages"].items():
+        lines.append(
+            f"{name + ' avg':>12} {r['precision']:9.4f} {r['recall']:9.4f} {r['f1']:9.4f} "
+            f"{r['support']:9d}"
+        )
+    lines += ["", "confusion matrix (rows: true, columns: predicted)"]
+    lines.append("     " + "".join(f"{c:>6}" for c in range(len(m["confusion_matrix"]))))
+    for t, row in enumerate(m["confusion_matrix"]):
+        lines.append(f"{t:>5}" + "".join(f"{v:>6}" for v in row))
+    if m["most_confused"]:
+        lines += [
+            "",
+            "most confused: "
+            + ", ".join(f"{p['true']}→{p['predicted']} ({p['count']})" for p in m["most_confused"]),
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""Models, registered by name: `create_model("mlp")`. Adding a model is one decorated class here.
+
+Every model takes float32 [B, 1, 28, 28] and returns 10 raw scores (logits) per image.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import MnistlabError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    cls: type[nn.Module]
+    description: str
+
+
+MODELS: dict[str, ModelEntry] = {}
+
+
+def register(name: str, description: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
+        MODELS[name] = ModelEntry(name, cls, description)
+        return cls
+
+    return wrap
+
+
+def model_names() -> list[str]:
+    return list(MODELS)
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered model by name, e.g. `create_model("mlp")`."""
+    try:
+        entry = MODELS[name]
+    except KeyError:
+        raise MnistlabError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
+    try:
+        return entry.cls(**kwargs)
+    except TypeError as e:
+        raise MnistlabError(f"bad arguments for model {name!r}: {e}") from None
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@register("logreg", "Logistic regression: flatten, one Linear(784, 10).")
+class LogisticRegression(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.linear = nn.Linear(28 * 28, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.flatten(x))
+
+
+@register("mlp", "The lab's SimpleMNISTDNN: 784 → 128 → ReLU → 10.")
+class SimpleMNISTDNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(28 * 28, 128)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.relu(self.fc1(self.flatten(x))))
+
+
+def _mlp_stack(batchnorm: bool, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten()]
+    widths = [28 * 28, 256, 128, 64]
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
+        layers.append(nn.Linear(n_in, n_out))
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(n_out))
+        layers.append(nn.ReLU())
+        if i < 2:  # the lab drops out after the first two hidden layers only
+            layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(widths[-1], 10))
+    return nn.Sequential(*layers)
+
+
+@register("mlp-dropout", "The lab's Improved model: 784-256-128-64-10, ReLU, Dropout(0.3).")
+class ImprovedMNISTDNN(nn.Module):
+    def __init__(self, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.net = _mlp_stack(batchnorm=False, dropout=dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@register("mlp-bn", "The lab's Advanced model: the Improved model with BatchNorm1d before ReLU.")
+class AdvancedMNISTDNN(nn.Module):
+    def __init__(self, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.net = _mlp_stack(batchnorm=True, dropout=dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@register("cnn", "The PyTorch MNIST example convnet: conv32, conv64, max-pool, fc128, dropout.")
+class MNISTConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.flatten(self.dropout1(torch.max_pool2d(x, 2)), 1)
+        x = self.dropout2(torch.relu(self.fc1(x)))
+        return self.fc2(x)

@@ -1,0 +1,141 @@
+"""Run folders: `runs/<name>/` holds everything a training run leaves behind.
+
+    config.json       the resolved TrainConfig
+    environment.json  mnistlab, torch and Python versions, device, threads, machine
+    metrics.jsonl     one JSON object per completed epoch
+    checkpoint.pt     model, optimizer, scheduler, RNG state and progress, for --resume
+    best.pt           best weights on the validation split (when validating)
+    model.pt          final weights: a plain state_dict, `model.load_state_dict(torch.load(...))`
+    summary.json      final metrics; its presence marks the run complete
+
+Every file is written atomically, so a kill at any instant leaves the previous good state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import MnistlabError
+from .fileio import atomic_write_json, atomic_write_text
+
+RUNS_DIR = "runs"
+CONFIG = "config.json"
+ENVIRONMENT = "environment.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+
+
+def create_run_dir(runs_dir: str | os.PathLike[str], name: str | None = None) -> Path:
+    """Make a new, empty run folder; an existing run is never reused or overwritten."""
+    parent = Path(runs_dir)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MnistlabError(f"cannot create runs folder {parent}: {e.strerror or e}") from None
+    if name is not None:
+        if not name or "/" in name or name in (".", ".."):
+            raise MnistlabError(f"bad run name {name!r}: use a plain folder name")
+        candidates = [name]
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        candidates = [stamp] + [f"{stamp}-{i}" for i in range(2, 100)]
+    for candidate in candidates:
+        path = parent / candidate
+        try:
+            path.mkdir()  # atomic: fails if it exists, so two runs never share a folder
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise MnistlabError(
+                f"cannot write to runs folder {parent}: {e.strerror or e}"
+            ) from None
+    raise MnistlabError(
+        f"run {parent / name} already exists; choose another --name, or continue it with "
+        f"--resume {parent / name}"
+        if name
+        else f"could not find a free run name in {parent}"
+    )
+
+
+def find_run(run: str | os.PathLike[str], runs_dir: str | os.PathLike[str] = RUNS_DIR) -> Path:
+    """A run given as a path, or as a name under `runs_dir`."""
+    for path in (Path(run), Path(runs_dir) / str(run)):
+        if path.is_dir():
+            return path
+    raise MnistlabError(f"no run {str(run)!r} (looked for {run} and {Path(runs_dir) / str(run)})")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MnistlabError(f"{path} is missing") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MnistlabError(f"{path} is unreadable ({e})") from None
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of a run ([] if it has none yet)."""
+    path = run_dir / METRICS
+    if not path.exists():
+        return []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MnistlabError(f"{path} is unreadable: {e}") from None
+    records = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise MnistlabError(f"{path} is unreadable at line {n}: {e}") from None
+    return records
+
+
+def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    atomic_write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+
+
+def write_json(run_dir: Path, name: str, obj: Any) -> None:
+    atomic_write_json(run_dir / name, obj)
+
+
+def environment(device: str) -> dict[str, Any]:
+    import torch
+
+    from . import __version__
+
+    return {
+        "mnistlab": __version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def is_complete(run_dir: Path) -> bool:
+    return (run_dir / SUMMARY).is_file()

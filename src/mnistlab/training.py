@@ -1,0 +1,284 @@
+"""The lab's training loop, lean: `train_epoch`, `evaluate` and `fit`, usable from Python.
+
+Batches come from an in-memory BatchLoader; per step the loop does only what the lab does
+(zero_grad, forward, loss, backward, step) plus two scalar reads for the running metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+Log = Callable[[str], None]
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then Apple MPS, then CPU; a named device must be available."""
+    from .errors import MnistlabError
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MnistlabError("--device cuda: no CUDA device is available here; use --device cpu")
+    if name == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise MnistlabError("--device mps: Apple MPS is not available here; use --device cpu")
+    return torch.device(name)
+
+
+def build_optimizer(cfg: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    params = list(params)
+    # foreach: one fused kernel per op over all parameters instead of a Python loop per tensor.
+    common: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "foreach": True}
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, **common)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, **common)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, momentum=cfg.momentum, nesterov=cfg.nesterov, **common)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, momentum=cfg.momentum, **common)
+    raise ValueError(cfg.optimizer)  # unreachable: TrainConfig.validate checks the name
+
+
+def build_scheduler(
+    cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """A scheduler stepped once per batch (so every schedule has the same call site)."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "none":
+        return None
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=cfg.step_size * steps_per_epoch, gamma=cfg.gamma
+        )
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
+    raise ValueError(cfg.schedule)
+
+
+def _progress(loader, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=len(loader), desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    device: torch.device | str | None = None,
+    *,
+    scheduler: Any = None,
+    grad_clip: float = 0.0,
+    log_every: int = 0,
+    log: Log | None = print,
+    progress: bool = False,
+    desc: str = "train",
+) -> tuple[float, float]:
+    """One pass over `loader`; returns (mean loss, accuracy in %).
+
+    Every `log_every` steps it logs the lab's line `Step 134/938 - Loss: 0.561 | Acc: 84.57%`
+    with the loss and accuracy over that interval.
+    """
+    model.train()
+    steps = len(loader)  # type: ignore[arg-type]
+    bar = _progress(loader, desc, progress)
+    write = (bar.write if bar is not None else log) if log else None
+    total_loss = total_correct = total_seen = 0.0
+    int_loss = int_correct = int_seen = 0.0
+    for step, (x, y) in enumerate(loader, start=1):
+        if device is not None and x.device != torch.device(device):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        n = y.shape[0]
+        batch_loss = loss.item() * n
+        batch_correct = (logits.argmax(1) == y).sum().item()
+        int_loss += batch_loss
+        int_correct += batch_correct
+        int_seen += n
+        if log_every and (step % log_every == 0 or step == steps):
+            if write and int_seen:
+                write(
+                    f"Step {step}/{steps} - Loss: {int_loss / int_seen:.3f} | "
+                    f"Acc: {100.0 * int_correct / int_seen:.2f}%"
+                )
+            total_loss += int_loss
+            total_correct += int_correct
+            total_seen += int_seen
+            int_loss = int_correct = int_seen = 0.0
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{total_loss / total_seen:.3f}",
+                    acc=f"{100 * total_correct / total_seen:.2f}%",
+                )
+        if bar is not None:
+            bar.update()
+    total_loss += int_loss
+    total_correct += int_correct
+    total_seen += int_seen
+    if bar is not None:
+        bar.close()
+    if not total_seen:
+        return math.nan, math.nan
+    return total_loss / total_seen, 100.0 * total_correct / total_seen
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits and labels of `loader`, in its order (eval mode, no gradients)."""
+    model.eval()
+    device = next(model.parameters()).device
+    outs, labels = [], []
+    for x, y in loader:
+        outs.append(model(x.to(device)).float().cpu())
+        labels.append(y.cpu())
+    return torch.cat(outs), torch.cat(labels)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: nn.Module | None = None,
+) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy in %) of `model` on `loader`."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    total_loss = correct = seen = 0.0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        total_loss += float(loss_fn(logits, y)) * y.shape[0]
+        correct += int((logits.argmax(1) == y).sum())
+        seen += y.shape[0]
+    return total_loss / seen, 100.0 * correct / seen
+
+
+@dataclass
+class FitState:
+    """Where a fit stands after its last complete epoch; enough to resume it exactly."""
+
+    epoch: int = 0  # complete epochs
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    stopped_early: bool = False
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_loader: Any,
+    test_loader: Any,
+    cfg: TrainConfig,
+    *,
+    val_loader: Any = None,
+    scheduler: Any = None,
+    state: FitState | None = None,
+    on_epoch_end: Callable[[FitState], None] | None = None,
+    log: Log = print,
+    progress: bool = False,
+) -> FitState:
+    """Train for `cfg.epochs`, evaluating after every epoch; early-stop on validation loss.
+
+    `state` resumes from its epoch. With early stopping, the best weights are restored at the end.
+    """
+    state = state or FitState()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    eval_loss_fn = nn.CrossEntropyLoss()
+    log_every = cfg.log_every or max(1, len(train_loader) // 7)
+    device = next(model.parameters()).device
+    for epoch in range(state.epoch, cfg.epochs):
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        start = time.perf_counter()
+        train_loss, train_acc = train_epoch(
+            model,
+            train_loader,
+            optimizer,
+            loss_fn,
+            device,
+            scheduler=scheduler,
+            grad_clip=cfg.grad_clip,
+            log_every=log_every,
+            log=log,
+            progress=progress,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        )
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+        }
+        if val_loader is not None:
+            record["val_loss"], record["val_acc"] = evaluate(model, val_loader, eval_loss_fn)
+        record["test_loss"], record["test_acc"] = evaluate(model, test_loader, eval_loss_fn)
+        record["lr"] = optimizer.param_groups[0]["lr"]
+        record["seconds"] = time.perf_counter() - start
+        state.history.append(record)
+        state.epoch = epoch + 1
+        parts = [
+            f"Epoch {epoch + 1}/{cfg.epochs}",
+            f"train loss {train_loss:.4f} acc {train_acc:.2f}%",
+        ]
+        if val_loader is not None:
+            parts.append(f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.2f}%")
+            if record["val_loss"] < state.best_val_loss:
+                state.best_val_loss, state.best_epoch, state.bad_epochs = (
+                    record["val_loss"],
+                    epoch + 1,
+                    0,
+                )
+                state.best_state = copy.deepcopy(model.state_dict())
+            else:
+                state.bad_epochs += 1
+        parts.append(f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.2f}%")
+        parts.append(f"{record['seconds']:.1f}s")
+        log(" | ".join(parts))
+        stop = bool(cfg.early_stop) and state.bad_epochs >= cfg.early_stop
+        state.stopped_early = stop
+        if on_epoch_end is not None:
+            on_epoch_end(state)
+        if stop:
+            log(
+                f"Early stop: validation loss has not improved for {cfg.early_stop} epochs; "
+                f"restoring the weights of epoch {state.best_epoch}"
+            )
+            break
+    if cfg.early_stop and state.best_state is not None:
+        model.load_state_dict(state.best_state)
+    return state
