@@ -6,6 +6,7 @@ Precedence: dataclass defaults < recipe < explicit flags. The resolved config is
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,7 @@ from .errors import MnistlabError
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("none", "step", "cosine", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+AUGMENTATIONS = ("none", "affine")
 
 
 @dataclass
@@ -36,9 +38,15 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # torch threads; 0 keeps torch's default
+    train_limit: int = 0  # train on the first N training images only (quick tests); 0: all
     val_split: float = 0.0  # fraction of the training set held out; 0 turns validation off
     early_stop: int = 0  # patience in epochs on validation loss; 0 turns it off
     log_every: int = 0  # steps between the lab's progress lines; 0 means 7 lines an epoch
+    augment: str = "none"  # batched augmentation of training batches: none or affine
+    aug_degrees: float = 10.0  # affine: max rotation
+    aug_scale: float = 0.1  # affine: max relative zoom in or out
+    aug_shear: float = 0.0  # affine: max shear in degrees
+    aug_translate: float = 0.1  # affine: max shift as a fraction of the image size
     model_args: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> TrainConfig:
@@ -53,6 +61,10 @@ class TrainConfig:
             raise bad(
                 f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"
             )
+        if self.augment not in AUGMENTATIONS:
+            raise bad(
+                f"unknown augmentation {self.augment!r}; choose one of: {', '.join(AUGMENTATIONS)}"
+            )
         if self.schedule not in SCHEDULES:
             raise bad(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
         if self.device not in DEVICES:
@@ -60,14 +72,16 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "step_size"):
             if getattr(self, name) <= 0:
                 raise bad(f"{name.replace('_', ' ')} must be positive, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise bad(f"learning rate must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise bad(f"learning rate must be a positive number, got {self.lr}")
         if self.val_split and not 0.0 < self.val_split < 1.0:
             raise bad(
                 f"validation fraction must be between 0 and 1 (exclusive), got {self.val_split}"
             )
-        if self.early_stop < 0 or self.log_every < 0 or self.threads < 0:
-            raise bad("early stop patience, log interval and threads must not be negative")
+        if min(self.early_stop, self.log_every, self.threads, self.train_limit) < 0:
+            raise bad(
+                "early stop patience, log interval, threads and train limit must not be negative"
+            )
         if self.early_stop and not self.val_split:
             raise bad("--early-stop needs a validation split: add --val-split FRACTION")
         if not 0.0 <= self.label_smoothing < 1.0:

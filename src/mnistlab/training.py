@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .augment import make_augmentation
 from .config import TrainConfig
 
 Log = Callable[[str], None]
@@ -95,6 +96,7 @@ def train_epoch(
     log: Log | None = print,
     progress: bool = False,
     desc: str = "train",
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[float, float]:
     """One pass over `loader`; returns (mean loss, accuracy in %).
 
@@ -110,6 +112,8 @@ def train_epoch(
     for step, (x, y) in enumerate(loader, start=1):
         if device is not None and x.device != torch.device(device):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if transform is not None:
+            x = transform(x)
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)
         loss = loss_fn(logits, y)
@@ -221,6 +225,10 @@ def fit(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     eval_loss_fn = nn.CrossEntropyLoss()
     log_every = cfg.log_every or max(1, len(train_loader) // 7)
+    transform = make_augmentation(
+        cfg.augment, degrees=cfg.aug_degrees, scale=cfg.aug_scale, shear=cfg.aug_shear,
+        translate=cfg.aug_translate,
+    )
     device = next(model.parameters()).device
     for epoch in range(state.epoch, cfg.epochs):
         if hasattr(train_loader, "set_epoch"):
@@ -238,6 +246,7 @@ def fit(
             log=log,
             progress=progress,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            transform=transform,
         )
         record: dict[str, Any] = {
             "epoch": epoch + 1,
