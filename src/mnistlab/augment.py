@@ -12,16 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from .catalog import MNIST
+from .config import AUGMENTATIONS
 from .errors import MnistlabError
-
-from .config import AUGMENTATIONS  # noqa: F401  (re-exported: the names live with the config)
 
 # The normalized value of a black (0) pixel: warping pads with it, so borders stay background.
 BACKGROUND = -MNIST.mean / MNIST.std
 
 
 class RandomAffine:
-    """Random rotation (degrees), scale (±fraction), shear (degrees) and shift (fraction of size)."""
+    """Random rotation and shear (degrees), zoom (± fraction) and shift (fraction of size)."""
 
     def __init__(
         self,
@@ -66,4 +65,5 @@ def make_augmentation(name: str, **kwargs: float) -> RandomAffine | None:
         return None
     if name == "affine":
         return RandomAffine(**kwargs)
-    raise MnistlabError(f"unknown augmentation {name!r}; choose one of: {', '.join(AUGMENTATIONS)}")
+    choices = ", ".join(AUGMENTATIONS)
+    raise MnistlabError(f"unknown augmentation {name!r}; choose one of: {choices}")
