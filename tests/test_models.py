@@ -56,8 +56,8 @@ def layers(model: nn.Module) -> list[str]:
     return out
 
 
-def test_registry_has_exactly_the_required_models():
-    assert list(MODELS) == NAMES
+def test_registry_has_the_required_models_first():
+    assert list(MODELS)[: len(NAMES)] == NAMES  # later issues may register more after them
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -160,7 +160,7 @@ def test_models_command_lists_name_class_parameters_description(capsys):
     assert code == 0 and err == ""
     lines = out.splitlines()
     assert lines[0].split() == ["name", "class", "parameters", "description"]
-    by_name = {line.split()[0]: line.split() for line in lines[1:6]}
+    by_name = {line.split()[0]: line.split() for line in lines[1 : 1 + len(MODELS)]}
     assert by_name["mlp"][1:3] == ["SimpleMNISTDNN", "101,770"]
     assert by_name["logreg"][1:3] == ["LogisticRegression", "7,850"]
     assert by_name["cnn"][2] == f"{EXPECTED_PARAMETERS['cnn']:,}"
@@ -172,7 +172,7 @@ def test_models_json(capsys):
     assert code == 0
     data = json.loads(out)
     rows = {r["name"]: r for r in data["models"]}
-    assert list(rows) == NAMES
+    assert list(rows) == list(MODELS)
     for name in NAMES:
         assert rows[name]["parameters"] == EXPECTED_PARAMETERS[name]
         assert rows[name]["class"] == type(create_model(name)).__name__
