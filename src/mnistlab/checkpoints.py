@@ -29,10 +29,17 @@ def save_torch(obj: Any, path: str | os.PathLike[str]) -> None:
     try:
         with atomic_path(path) as tmp:
             torch.save(obj, tmp)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         raise MnistlabError(
-            f"could not save {path}: {e.strerror or e}; the previous file is intact"
+            f"could not save {path}: {_write_error(e)}; the previous file is intact"
         ) from None
+
+
+def _write_error(e: Exception) -> str:
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    # torch's zip writer reports a full disk as a RuntimeError ("unexpected pos ...").
+    return "the write failed (is the disk full?)"
 
 
 def load_torch(path: str | os.PathLike[str]) -> Any:
@@ -58,8 +65,13 @@ def save_safetensors(
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = {"mnistlab": json.dumps(meta)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    except OSError as e:
+        raise MnistlabError(
+            f"could not save {path}: {_write_error(e)}; the previous file is intact"
+        ) from None
 
 
 def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict]:

@@ -6,9 +6,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +41,8 @@ def make_loaders(
     """The lab's loaders: shuffled training batches, a seeded validation split if asked for."""
     images, labels = load_mnist(root, "train", download=True)
     test_images, test_labels = load_mnist(root, "test", download=True)
+    if cfg.train_limit:
+        images, labels = images[: cfg.train_limit], labels[: cfg.train_limit]
     val = None
     if cfg.val_split:
         train_idx, val_idx = split_indices(labels, cfg.val_split, seed=cfg.seed)
@@ -46,6 +51,10 @@ def make_loaders(
     train = BatchLoader(images, labels, cfg.batch_size, shuffle=True, seed=cfg.seed, device=device)
     test = BatchLoader(test_images, test_labels, cfg.eval_batch_size, device=device)
     return Data(train, test, val)
+
+
+# Where and how verbosely a run trains, not what it learns: --resume may change these.
+RUNTIME_FIELDS = ("device", "threads", "log_every")
 
 
 def _check_resume(run_dir: Path, asked: dict[str, Any]) -> TrainConfig:
@@ -58,11 +67,35 @@ def _check_resume(run_dir: Path, asked: dict[str, Any]) -> TrainConfig:
     diffs = [
         f"{key} {getattr(saved, key)!r}, not {value!r}"
         for key, value in asked.items()
-        if value is not None and getattr(saved, key, value) != value
+        if key not in RUNTIME_FIELDS and value is not None and getattr(saved, key, value) != value
     ]
     if diffs:
-        raise MnistlabError(f"run {run_dir} was made with " + "; ".join(diffs))
-    return saved
+        raise MnistlabError(
+            f"run {run_dir} was made with {'; '.join(diffs)}; "
+            "resume it without those flags, or start a new run"
+        )
+    runtime = {k: asked[k] for k in RUNTIME_FIELDS if asked.get(k) is not None}
+    return dataclasses.replace(saved, **runtime).validate()
+
+
+def _restore(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> FitState:
+    """Load a resume checkpoint into the model, optimizer, scheduler and RNGs; its FitState."""
+    saved = ck.load_torch(path)  # weights_only: a crafted file is refused here
+    try:
+        ck.load_state_into(model, saved["model"], str(path))
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        if saved.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        return FitState(**saved["state"], best_state=saved.get("best"))
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise MnistlabError(
+            f"{path} is not a usable mnistlab checkpoint ({type(e).__name__}: {e}); start a new run"
+        ) from None
 
 
 def train_run(
@@ -84,6 +117,8 @@ def train_run(
     """
     started = time.perf_counter() if started is None else started
     if resume is not None:
+        if name is not None:
+            raise MnistlabError("--name names a new run; --resume continues one: use only one")
         run_dir = runs.find_run(resume, runs_dir)
         cfg = _check_resume(run_dir, resume_check or {})
     else:
@@ -103,44 +138,58 @@ def train_run(
 
     if run_dir is None:
         run_dir = runs.create_run_dir(runs_dir, name)
-        runs.write_json(run_dir, runs.CONFIG, cfg.to_dict())
-        runs.write_json(run_dir, runs.ENVIRONMENT, runs.environment(str(device)))
+        try:
+            runs.write_json(run_dir, runs.CONFIG, cfg.to_dict())
+            runs.write_json(run_dir, runs.ENVIRONMENT, runs.environment(str(device)))
+        except MnistlabError:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a folder without its config is no run
+            raise
         log(f"Run folder: {run_dir}")
-    elif (run_dir / ck.CHECKPOINT_NAME).is_file():
-        saved = ck.load_torch(run_dir / ck.CHECKPOINT_NAME)
-        ck.load_state_into(model, saved["model"], str(run_dir / ck.CHECKPOINT_NAME))
-        optimizer.load_state_dict(saved["optimizer"])
-        if scheduler is not None and saved.get("scheduler") is not None:
-            scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
-        state = FitState(**saved["state"])
-        if (run_dir / ck.BEST_NAME).is_file():
-            state.best_state = ck.load_torch(run_dir / ck.BEST_NAME)
-        log(f"Resuming {run_dir} after epoch {state.epoch}/{cfg.epochs}")
     else:
-        log(f"Resuming {run_dir} from the start (it has no complete epoch)")
+        log("Config: " + json.dumps(cfg.to_dict()))
+        if (run_dir / ck.CHECKPOINT_NAME).is_file():
+            state = _restore(run_dir / ck.CHECKPOINT_NAME, model, optimizer, scheduler)
+            log(f"Resuming {run_dir} after epoch {state.epoch}/{cfg.epochs}")
+        else:
+            log(f"Resuming {run_dir} from the start (it has no complete epoch)")
     log(f"Model: {cfg.model} ({count_parameters(model):,} parameters)")
 
+    saved_epoch = state.epoch  # the last epoch safely on disk
+
     def save(state: FitState) -> None:
+        nonlocal saved_epoch
         fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(FitState)}
         fields.pop("best_state")
-        if state.best_state is not None and state.best_epoch == state.epoch:
-            ck.save_torch(state.best_state, run_dir / ck.BEST_NAME)
-        ck.save_torch(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "rng": torch.get_rng_state(),
-                "state": fields,
-                "config": cfg.to_dict(),
-            },
-            run_dir / ck.CHECKPOINT_NAME,
-        )
-        runs.write_metrics(run_dir, state.history)
+        try:
+            # The checkpoint is the truth a resume starts from; best.pt and metrics.jsonl follow.
+            ck.save_torch(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                    "state": fields,
+                    "best": state.best_state,
+                    "config": cfg.to_dict(),
+                },
+                run_dir / ck.CHECKPOINT_NAME,
+            )
+            saved_epoch = state.epoch
+            if state.best_state is not None and state.best_epoch == state.epoch:
+                ck.save_torch(state.best_state, run_dir / ck.BEST_NAME)
+            runs.write_metrics(run_dir, state.history)
+        except MnistlabError as e:
+            raise MnistlabError(
+                f"{e}. {run_dir} holds epoch {saved_epoch}/{cfg.epochs}; once fixed, resume "
+                f"with: mnistlab train --resume {run_dir}"
+            ) from None
 
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM: stop like Ctrl-C
+    # Ctrl-C and SIGTERM stop between two instructions; the last saved epoch stays intact.
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, signal.default_int_handler)
     try:
         state = fit(
             model,
@@ -157,18 +206,18 @@ def train_run(
         )
     except KeyboardInterrupt:
         raise MnistlabError(
-            f"interrupted; {run_dir} is saved after epoch {state.epoch}/{cfg.epochs}. "
+            f"interrupted; {run_dir} is saved after epoch {saved_epoch}/{cfg.epochs}. "
             f"Resume with: mnistlab train --resume {run_dir}"
         ) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
     if cfg.early_stop and state.best_state is not None:
         test_loss, test_acc = evaluate(model, data.test)  # the restored best weights
     else:
         test_loss, test_acc = state.history[-1]["test_loss"], state.history[-1]["test_acc"]
     seconds = time.perf_counter() - started
-    ck.save_torch(model.state_dict(), run_dir / ck.WEIGHTS_NAME)
     val_accs = [r["val_acc"] for r in state.history if "val_acc" in r]
     summary = {
         "run_dir": str(run_dir),
@@ -187,7 +236,15 @@ def train_run(
     }
     if not math.isfinite(test_loss):
         log("warning: the test loss is not finite; the learning rate may be too high")
-    runs.write_json(run_dir, runs.SUMMARY, summary)
+    try:
+        ck.save_torch(model.state_dict(), run_dir / ck.WEIGHTS_NAME)
+        if state.best_state is not None:  # also after a resume that found no better epoch
+            ck.save_torch(state.best_state, run_dir / ck.BEST_NAME)
+        runs.write_json(run_dir, runs.SUMMARY, summary)  # last: its presence marks the run done
+    except MnistlabError as e:
+        raise MnistlabError(
+            f"{e}. Every epoch is saved; once fixed, finish with: mnistlab train --resume {run_dir}"
+        ) from None
     log(f"Final test accuracy: {test_acc:.2f}% (loss {test_loss:.4f}) in {seconds:.1f}s")
     log(f"Saved {run_dir / ck.WEIGHTS_NAME}")
     return summary

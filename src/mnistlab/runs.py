@@ -102,11 +102,18 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    atomic_write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+    path = run_dir / METRICS
+    try:
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in history))
+    except OSError as e:
+        raise MnistlabError(f"could not save {path}: {e.strerror or e}") from None
 
 
 def write_json(run_dir: Path, name: str, obj: Any) -> None:
-    atomic_write_json(run_dir / name, obj)
+    try:
+        atomic_write_json(run_dir / name, obj)
+    except OSError as e:
+        raise MnistlabError(f"could not save {run_dir / name}: {e.strerror or e}") from None
 
 
 def environment(device: str) -> dict[str, Any]:

@@ -19,10 +19,16 @@ from .options import json_option, root_option
     help="val: the run's own validation split.",
 )
 @click.option("--best", is_flag=True, help="Use the run's best validation weights.")
+@click.option(
+    "--model",
+    "model_name",
+    default=None,
+    help="Architecture of a bare weights file. Default: from its metadata, else by its shapes.",
+)
 @click.option("--runs-dir", default="runs", show_default=True)
 @json_option
 @root_option
-def evaluate(source, split, best, runs_dir, as_json, root) -> None:
+def evaluate(source, split, best, model_name, runs_dir, as_json, root) -> None:
     """Accuracy, loss, per-class report, confusion matrix and most-confused pairs."""
     from pathlib import Path
 
@@ -36,10 +42,12 @@ def evaluate(source, split, best, runs_dir, as_json, root) -> None:
     path = Path(source)
     if not path.exists():
         path = find_run(source, runs_dir)
-    model, info = load_model(path, best=best)
+    model, info = load_model(path, model_name, best=best)
     config = info.get("config", {})
     images, labels = load_mnist(root, "test" if split == "test" else "train")
     if split != "test":
+        if config.get("train_limit"):  # the run saw only these; its split was made from them
+            images, labels = images[: config["train_limit"]], labels[: config["train_limit"]]
         fraction = config.get("val_split") or 0.0
         if split == "val" and not fraction:
             raise MnistlabError(f"{source} has no validation split; use --split test or train")
