@@ -90,3 +90,36 @@ def format_report(m: dict[str, Any]) -> str:
             + ", ".join(f"{p['true']}→{p['predicted']} ({p['count']})" for p in m["most_confused"]),
         ]
     return "\n".join(lines)
+
+
+def calibration_bins(
+    probs: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, bins: int = 15
+) -> dict[str, np.ndarray]:
+    """Top-1 confidence binned into `bins` equal widths on [0, 1]: per bin its count, mean
+    confidence and accuracy (NaN where empty), and the bin edges."""
+    p = torch.as_tensor(probs).detach().float().cpu()
+    y = torch.as_tensor(labels).detach().long().cpu()
+    confidence, predicted = p.max(1)
+    correct = (predicted == y).double().numpy()
+    confidence = confidence.double().numpy()
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # Bins are (lo, hi], so a confidence of exactly 1.0 lands in the last bin and 0 in the first.
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    count = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(index, weights=confidence, minlength=bins) / count
+        accuracy = np.bincount(index, weights=correct, minlength=bins) / count
+    return {"edges": edges, "count": count, "confidence": mean_conf, "accuracy": accuracy}
+
+
+def expected_calibration_error(
+    probs: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, bins: int = 15
+) -> float:
+    """ECE as a fraction: the count-weighted mean gap between accuracy and confidence per bin."""
+    b = calibration_bins(probs, labels, bins)
+    total = int(b["count"].sum())
+    if total == 0:
+        return float("nan")
+    seen = b["count"] > 0
+    gaps = np.abs(b["accuracy"][seen] - b["confidence"][seen])
+    return float((b["count"][seen] * gaps).sum() / total)

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import io
+import math
 import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")  # headless: no display is needed or used
+# Headless: no display is needed or used. In a notebook the kernel's inline backend is kept
+# (ipykernel names it in MPLBACKEND), so the returned figures show up there.
+if "inline" not in os.environ.get("MPLBACKEND", ""):
+    matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from .errors import MnistlabError  # noqa: E402
-from .fileio import atomic_path  # noqa: E402
+from .errors import MnistlabError
+from .fileio import atomic_path
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 100) -> None:
@@ -57,4 +67,311 @@ def display_image(
     ax.set_title(title + (" (normalized)" if normalized else ""))
     ax.set_xticks([])
     ax.set_yticks([])
+    return fig
+
+
+def figure_png(fig: Figure, dpi: int = 100) -> bytes:
+    """`fig` rendered as PNG bytes; the figure is closed."""
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buffer.getvalue()
+
+
+History = Sequence[Mapping[str, Any]] | Mapping[str, Sequence[float]]
+
+
+def _columns(history: History) -> dict[str, np.ndarray]:
+    """Per-epoch records (metrics.jsonl / fit's history) or a dict of lists → dict of arrays."""
+    if isinstance(history, Mapping):
+        cols = {k: np.asarray(v, dtype=float) for k, v in history.items()}
+    else:
+        keys = dict.fromkeys(k for record in history for k in record)
+        cols = {
+            k: np.asarray([r.get(k, np.nan) for r in history], dtype=float)
+            for k in keys
+            if all(isinstance(r.get(k, 0.0), int | float) for r in history)
+        }
+    n = max((len(v) for v in cols.values()), default=0)
+    if "epoch" not in cols:
+        cols["epoch"] = np.arange(1, n + 1, dtype=float)
+    return cols
+
+
+def _has(cols: dict[str, np.ndarray], key: str) -> bool:
+    return key in cols and bool(np.isfinite(cols[key]).any())
+
+
+def _epoch_axes(ax: Axes, title: str, ylabel: str, epochs: Sequence[float] = ()) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("Epoch")
+    ax.set_ylabel(ylabel)
+    shown = sorted({int(e) for e in epochs if math.isfinite(e)})
+    if 0 < len(shown) <= 20:  # one tick per epoch; a lone epoch would otherwise get 0.95…1.05
+        ax.set_xticks(shown)
+        if len(shown) == 1:
+            ax.set_xlim(shown[0] - 1, shown[0] + 1)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def plot_metrics(history: History, title: str | None = None) -> Figure:
+    """The lab's curves: training loss and test accuracy per epoch, with the validation curves
+    beside them when the run has a validation split."""
+    cols = _columns(history)
+    if not _has(cols, "train_loss") and not _has(cols, "test_acc"):
+        raise MnistlabError("no train_loss or test_acc per epoch to plot")
+    epochs = cols["epoch"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, keys, heading, ylabel in (
+        (ax_loss, ("train_loss", "val_loss"), "Loss per epoch", "Cross-entropy loss"),
+        (ax_acc, ("test_acc", "val_acc"), "Accuracy per epoch", "Accuracy (%)"),
+    ):
+        for key in keys:
+            if _has(cols, key):
+                style = "--" if key.startswith("val") else "-"
+                ax.plot(epochs, cols[key], style, marker="o", label=_CURVE_NAMES[key])
+        _epoch_axes(ax, heading, ylabel, epochs)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+_CURVE_NAMES = {
+    "train_loss": "training loss",
+    "val_loss": "validation loss",
+    "test_acc": "test accuracy",
+    "val_acc": "validation accuracy",
+}
+
+
+def plot_comparison(histories: Mapping[str, History]) -> Figure:
+    """Several runs' curves overlaid: training loss (validation dashed) and test accuracy."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    epochs: list[float] = []
+    for i, (name, history) in enumerate(histories.items()):
+        cols = _columns(history)
+        epochs += cols["epoch"].tolist()
+        colour = colours[i % len(colours)]
+        for ax, solid, dashed in (
+            (ax_loss, "train_loss", "val_loss"),
+            (ax_acc, "test_acc", "val_acc"),
+        ):
+            if _has(cols, solid):
+                ax.plot(cols["epoch"], cols[solid], "-", marker="o", color=colour, label=name)
+            if _has(cols, dashed):
+                ax.plot(
+                    cols["epoch"], cols[dashed], "--", marker=".", color=colour,
+                    label=f"{name} (validation)",
+                )
+    _epoch_axes(ax_loss, "Training loss (validation dashed)", "Cross-entropy loss", epochs)
+    _epoch_axes(ax_acc, "Test accuracy (validation dashed)", "Accuracy (%)", epochs)
+    for ax in (ax_loss, ax_acc):
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def _images(images: torch.Tensor | np.ndarray) -> tuple[np.ndarray, float | None, float | None]:
+    """[N, 28, 28] float array and the colour range: 0–255 for raw uint8, automatic otherwise."""
+    x = torch.as_tensor(images).detach().cpu()
+    raw = x.dtype == torch.uint8
+    x = x.float().reshape(len(x), 28, 28).numpy()
+    return (x, 0.0, 255.0) if raw else (x, None, None)
+
+
+def _predicted(predictions: torch.Tensor | np.ndarray) -> np.ndarray:
+    p = torch.as_tensor(predictions).detach().cpu()
+    return (p.argmax(1) if p.ndim == 2 else p).long().numpy()
+
+
+def _grid(n: int, cols: int | None, size: tuple[float, float]) -> tuple[Figure, list[Axes]]:
+    cols = max(1, min(n, cols or math.ceil(math.sqrt(n))))
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(cols * size[0], rows * size[1]), squeeze=False
+    )
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.remove()
+    return fig, flat[:n]
+
+
+def _no_ticks(ax: Axes) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def display_predictions(
+    images: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    predictions: torch.Tensor | np.ndarray,
+    n: int = 16,
+    seed: int = 0,
+    indices: Sequence[int] | None = None,
+    cols: int | None = None,
+) -> Figure:
+    """The lab's grid of random test images titled "pred P / true T"; mistakes in red.
+
+    `predictions` are class indices or per-class scores; the sample is seeded (or `indices`).
+    """
+    x, vmin, vmax = _images(images)
+    y = torch.as_tensor(labels).long().cpu().numpy()
+    p = _predicted(predictions)
+    if not len(x) == len(y) == len(p):
+        raise MnistlabError(f"{len(x)} images, {len(y)} labels and {len(p)} predictions differ")
+    if indices is None:
+        rng = np.random.default_rng(seed)
+        indices = rng.choice(len(x), size=min(n, len(x)), replace=False).tolist()
+    fig, axes = _grid(len(indices), cols, (1.7, 1.9))
+    wrong = 0
+    for ax, i in zip(axes, indices, strict=True):
+        ax.imshow(x[i], cmap="gray", vmin=vmin, vmax=vmax)
+        mistake = p[i] != y[i]
+        wrong += int(mistake)
+        colour = "red" if mistake else "black"
+        ax.set_title(f"pred {p[i]} / true {y[i]}", color=colour, fontsize=9,
+                     fontweight="bold" if mistake else "normal")
+        _no_ticks(ax)
+        if mistake:  # a red frame too, so a mistake does not rely on colour alone
+            for spine in ax.spines.values():
+                spine.set_edgecolor("red")
+                spine.set_linewidth(2.5)
+    fig.suptitle(f"Predicted / true label of {len(indices)} random test images "
+                 f"({wrong} mistake{'s' if wrong != 1 else ''}, in red)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion_matrix(
+    cm: Sequence[Sequence[int]] | np.ndarray, title: str = "Confusion matrix"
+) -> Figure:
+    """Heatmap of counts, rows true and columns predicted, every cell annotated."""
+    m = np.asarray(cm)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise MnistlabError(f"a confusion matrix is square, got shape {m.shape}")
+    k = m.shape[0]
+    fig, ax = plt.subplots(figsize=(0.75 * k + 2, 0.7 * k + 1.5))
+    shown = ax.imshow(m, cmap="Blues")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    threshold = m.max() / 2 if m.size else 0
+    for t in range(k):
+        for p in range(k):
+            ax.text(
+                p, t, f"{m[t, p]:d}", ha="center", va="center", fontsize=8,
+                color="white" if m[t, p] > threshold else "black",
+            )
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xlabel("Predicted label")
+    ax.set_ylabel("True label")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_misclassified(
+    images: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    probs: torch.Tensor | np.ndarray,
+    n: int = 12,
+    cols: int = 6,
+) -> Figure:
+    """The `n` mistakes the model was surest of, each with its top-3 class probabilities."""
+    x, vmin, vmax = _images(images)
+    y = torch.as_tensor(labels).long().cpu()
+    pr = torch.as_tensor(probs).detach().float().cpu()
+    confidence, predicted = pr.max(1)
+    wrong = (predicted != y).nonzero().squeeze(1)
+    order = wrong[confidence[wrong].argsort(descending=True)][:n].tolist()
+    if not order:
+        fig, ax = plt.subplots(figsize=(4, 2))
+        ax.text(0.5, 0.5, "No mistakes", ha="center", va="center", fontsize=14)
+        ax.set_axis_off()
+        ax.set_title("Most confident mistakes")
+        return fig
+    fig, axes = _grid(len(order), cols, (1.9, 2.9))
+    for ax, i in zip(axes, order, strict=True):
+        ax.imshow(x[i], cmap="gray", vmin=vmin, vmax=vmax)
+        ax.set_title(f"true {int(y[i])} → pred {int(predicted[i])}", color="red", fontsize=9)
+        top = pr[i].topk(3)
+        ax.set_xlabel(
+            "\n".join(
+                f"{int(c)}: {100 * float(v):5.1f}%"
+                for v, c in zip(top.values, top.indices, strict=True)
+            ),
+            fontsize=8, family="monospace",
+        )
+        _no_ticks(ax)
+    fig.suptitle(f"The {len(order)} most confident of {len(wrong)} mistakes "
+                 "(top-3 probabilities below each)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_per_class(per_class: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> Figure:
+    """Precision, recall and F1 by digit, from classification_metrics (or its "per_class")."""
+    rows = per_class["per_class"] if isinstance(per_class, Mapping) else per_class
+    labels = [r["label"] for r in rows]
+    fig, ax = plt.subplots(figsize=(11, 4))
+    x = np.arange(len(rows))
+    width = 0.27
+    values = []
+    for j, (key, name) in enumerate((("precision", "precision"), ("recall", "recall"),
+                                     ("f1", "F1"))):
+        v = [float(r[key]) for r in rows]
+        values += v
+        ax.bar(x + (j - 1) * width, v, width, label=name)
+    # Scores sit near 1: zoom in so the differences between digits are visible.
+    low = max(0.0, math.floor((min(values, default=0.0) - 0.02) * 20) / 20)
+    ax.set_ylim(low, 1.0)
+    ax.set_xticks(x, [f"{c}\n(n={r['support']})" for c, r in zip(labels, rows, strict=True)])
+    ax.set_xlabel("Digit (test images)")
+    ax.set_ylabel("Score")
+    ax.set_title("Precision, recall and F1 by digit")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_calibration(
+    probs: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, bins: int = 15
+) -> Figure:
+    """Reliability diagram (accuracy against confidence per bin) titled with the ECE, and how
+    many predictions fall in each bin."""
+    from .metrics import calibration_bins, expected_calibration_error
+
+    b = calibration_bins(probs, labels, bins)
+    ece = expected_calibration_error(probs, labels, bins)
+    edges = b["edges"]
+    centers = (edges[:-1] + edges[1:]) / 2
+    width = edges[1] - edges[0]
+    seen = b["count"] > 0
+    fig, (ax, ax_count) = plt.subplots(
+        2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.bar(centers[seen], b["accuracy"][seen], width, edgecolor="black", alpha=0.85,
+           label="accuracy in bin")
+    # The bin's mean confidence as a red bar-wide tick: above the bar means over-confident.
+    ax.errorbar(centers[seen], b["confidence"][seen], xerr=width / 2, fmt="none", ecolor="red",
+                elinewidth=2.5, capsize=0, label="mean confidence in bin")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("Accuracy")
+    ax.set_title(f"Reliability diagram: ECE {100 * ece:.2f}% ({bins} bins)")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    ax_count.bar(centers, b["count"], width, edgecolor="black", color="tab:gray")
+    ax_count.set_yscale("log")
+    ax_count.set_xlabel("Confidence (top-1 probability)")
+    ax_count.set_ylabel("Predictions")
+    fig.tight_layout()
     return fig
