@@ -20,6 +20,9 @@ COMMANDS = {
     "train": "train:train",
     "evaluate": "evaluate:evaluate",
     "models": "models:models",
+    "report": "report:report",
+    "runs": "report:runs",
+    "compare": "report:compare",
 }
 
 
@@ -52,6 +55,9 @@ HELP = {
     "train": "Train a model into a run folder (the lab's recipe by default).",
     "evaluate": "Accuracy, per-class report and confusion matrix of a run or weights file.",
     "models": "List the registered models and training recipes.",
+    "report": "One self-contained HTML report of a run: curves, metrics, figures.",
+    "runs": "Table of runs, newest first.",
+    "compare": "Several runs side by side: curves overlaid, final metrics in one table.",
 }
 
 
