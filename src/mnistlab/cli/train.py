@@ -70,8 +70,9 @@ def _config_options(func):
 @click.option("--resume", default=None, metavar="RUN", help="Continue an interrupted run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object.")
 @click.option("--no-progress", is_flag=True, help="No progress bar, even on a terminal.")
+@click.option("--no-report", is_flag=True, help="Do not write <run>/report.html at the end.")
 @root_option
-def train(recipe, name, runs_dir, resume, as_json, no_progress, root, **flags) -> None:
+def train(recipe, name, runs_dir, resume, as_json, no_progress, no_report, root, **flags) -> None:
     """Train a model; every run leaves a self-describing folder under runs/."""
     from ..config import resolve_config
     from ..experiment import train_run
@@ -101,5 +102,14 @@ def train(recipe, name, runs_dir, resume, as_json, no_progress, root, **flags) -
         progress=sys.stderr.isatty() and not no_progress,
         started=started,
     )
+    if not no_report:
+        from ..errors import MnistlabError
+        from ..report import build_report
+
+        try:  # the run is saved whatever happens here; a failed report is only a warning
+            done = build_report(summary["run_dir"], root=root, log=log)
+            log(f"Report: {done.path}")
+        except MnistlabError as e:
+            log(f"warning: no report ({e}); try `mnistlab report {summary['run_dir']}`")
     if as_json:
         click.echo(json.dumps(summary))
