@@ -37,7 +37,10 @@ def create_run_dir(runs_dir: str | os.PathLike[str], name: str | None = None) ->
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise MnistlabError(f"cannot create runs folder {parent}: {e.strerror or e}") from None
+        why = "it is a file" if parent.is_file() else e.strerror or e
+        raise MnistlabError(
+            f"cannot create runs folder {parent}: {why}; choose another with --runs-dir"
+        ) from None
     if name is not None:
         if not name or "/" in name or name in (".", ".."):
             raise MnistlabError(f"bad run name {name!r}: use a plain folder name")
@@ -66,10 +69,12 @@ def create_run_dir(runs_dir: str | os.PathLike[str], name: str | None = None) ->
 
 def find_run(run: str | os.PathLike[str], runs_dir: str | os.PathLike[str] = RUNS_DIR) -> Path:
     """A run given as a path, or as a name under `runs_dir`."""
-    for path in (Path(run), Path(runs_dir) / str(run)):
+    candidates = list(dict.fromkeys((Path(run), Path(runs_dir) / str(run))))
+    for path in candidates:
         if path.is_dir():
             return path
-    raise MnistlabError(f"no run {str(run)!r} (looked for {run} and {Path(runs_dir) / str(run)})")
+    looked = " and ".join(str(p) for p in candidates)
+    raise MnistlabError(f"no run {str(run)!r} (looked for {looked}); check the name or --runs-dir")
 
 
 def read_json(path: Path) -> Any:
