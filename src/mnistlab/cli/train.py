@@ -30,7 +30,7 @@ FIELD_HELP = {
     "seed": "Random seed. Default: 0.",
     "device": "auto, cpu, cuda or mps. Default: auto (CUDA, then MPS, then CPU).",
     "threads": "Torch CPU threads; 0 keeps torch's default.",
-    "train_limit": "Advanced: train on the first N training images only (quick tests). Default: all.",
+    "train_limit": "Advanced: train on the first N training images only (for quick tests).",
     "val_split": "Hold out this fraction of the training set for validation. Default: off.",
     "early_stop": "Stop when validation loss has not improved for N epochs. Default: off.",
     "log_every": "Steps between progress lines. Default: 7 lines an epoch.",
