@@ -3,7 +3,7 @@
     config.json       the resolved TrainConfig
     environment.json  mnistlab, torch and Python versions, device, threads, machine
     metrics.jsonl     one JSON object per completed epoch
-    checkpoint.pt     model, optimizer, scheduler, RNG state and progress, for --resume
+    checkpoint.pt     model, optimizer, scheduler, RNG states, best weights, progress: --resume
     best.pt           best weights on the validation split (when validating)
     model.pt          final weights: a plain state_dict, `model.load_state_dict(torch.load(...))`
     summary.json      final metrics; its presence marks the run complete
