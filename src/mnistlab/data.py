@@ -72,9 +72,10 @@ def _load_verified(path: Path, expected_sha256: str, expect_ndim: int) -> np.nda
         cache_file = cache / f"{path.name.split('.')[0]}-{digest}.npy"
         try:
             array = np.load(cache_file, allow_pickle=False)
-            _memory_cache[key] = array
-            return array
-        except (OSError, ValueError):
+            if array.dtype == np.uint8 and array.ndim == expect_ndim:
+                _memory_cache[key] = array
+                return array
+        except (OSError, ValueError, EOFError):
             pass  # no usable cache entry: decode below
     array, sha = read_idx_bytes(path, expect_ndim)
     if sha != expected_sha256:
@@ -104,6 +105,16 @@ def download(
     A present file that fails verification is replaced only once a verified copy has arrived.
     """
     folder = raw_dir(root, spec)
+    paths: dict[str, Path] = {}
+    missing: list[tuple[str, Path | None]] = []
+    for name in spec.files:
+        path = find_file(root, name, spec)
+        if path is not None and (not force_check or verify_file(path, spec.sha256[name])):
+            paths[name] = path
+        else:
+            missing.append((name, path))
+    if not missing:
+        return paths  # complete and verified: no need to write (the root may be read-only)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".mnistlab-write-test"
@@ -114,17 +125,12 @@ def download(
             f"cannot write to data root {folder}: {e.strerror or e}; choose another with --root"
         ) from None
     mirrors = list(mirrors) if mirrors else default_mirrors(spec)
-    paths = {}
-    for name in spec.files:
-        path = find_file(root, name, spec)
-        if path is not None and (not force_check or verify_file(path, spec.sha256[name])):
-            paths[name] = path
-            continue
+    for name, path in missing:
         new = download_file(name, folder, spec.sha256[name], mirrors)
         if path is not None and path != new:
             path.unlink(missing_ok=True)  # the bad copy would shadow the verified .gz
         paths[name] = new
-    return paths
+    return {name: paths[name] for name in spec.files}
 
 
 def load_split(

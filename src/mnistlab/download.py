@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import os
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from .catalog import MNIST, DatasetSpec
 from .errors import DataError, DownloadError
+from .fileio import new_file_mode
 from .idx import decompress
 
 MIRRORS_ENV = "MNISTLAB_MIRRORS"
@@ -78,6 +80,7 @@ def download_file(
         os.close(fd)
         tmp_path = Path(tmp)
         try:
+            os.chmod(tmp_path, new_file_mode())  # mkstemp makes 0600; the data is not secret
             _fetch(url, tmp_path, name)
             if not verify_file(tmp_path, expected_sha256):
                 failures.append(f"{url}: checksum mismatch")
@@ -86,9 +89,9 @@ def download_file(
             return target
         except urllib.error.HTTPError as e:
             failures.append(f"{url}: HTTP {e.code}")
-        except (urllib.error.URLError, OSError, ValueError) as e:
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", None) or e
-            failures.append(f"{url}: {reason}")
+            failures.append(f"{url}: {' '.join(str(reason).split())}")  # keep it one line
         finally:
             with contextlib.suppress(OSError):
                 tmp_path.unlink()

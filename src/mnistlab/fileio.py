@@ -14,6 +14,18 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def new_file_mode() -> int:
+    """The mode open() gives a new file: 0o666 less the umask (read without changing it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it is renamed over `target`."""
@@ -22,6 +34,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        os.chmod(tmp_path, new_file_mode())  # mkstemp makes 0600; give what open() would
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())

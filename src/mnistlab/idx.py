@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import struct
 import zlib
@@ -22,6 +23,8 @@ GZIP_MAGIC = b"\x1f\x8b"
 UBYTE = 0x08
 # Refuse to inflate more than this: the largest real file is 47 MB; a gzip bomb is not a dataset.
 MAX_DECOMPRESSED = 512 * 1024 * 1024
+# More dimensions than numpy 1.x can hold (its limit is 32) is not a real IDX file either.
+MAX_NDIM = 32
 
 
 def decompress(data: bytes, name: str = "data") -> bytes:
@@ -62,11 +65,13 @@ def parse_idx(content: bytes, name: str = "data", expect_ndim: int | None = None
             f"{name}: IDX magic 0x{0x800 + ndim:04x} has {ndim} dimensions, "
             f"expected 0x{0x800 + expect_ndim:04x} ({expect_ndim} dimensions)"
         )
+    if ndim > MAX_NDIM:
+        raise DataError(f"{name}: IDX header claims {ndim} dimensions (at most {MAX_NDIM})")
     header_len = 4 + 4 * ndim
     if len(content) < header_len:
         raise DataError(f"{name}: header cut short ({len(content)} of {header_len} bytes)")
     dims = struct.unpack(f">{ndim}I", content[4:header_len])
-    expected = int(np.prod(dims, dtype=np.int64))
+    expected = math.prod(dims)  # exact: np.prod in int64 wraps around (65536**4 == 0)
     payload = len(content) - header_len
     if payload != expected:
         shape = "x".join(map(str, dims))
@@ -74,7 +79,11 @@ def parse_idx(content: bytes, name: str = "data", expect_ndim: int | None = None
             f"{name}: payload is {payload} bytes but the header ({shape}) says {expected}; "
             "the file is truncated or corrupt"
         )
-    return np.frombuffer(content, dtype=np.uint8, offset=header_len).reshape(dims)
+    try:
+        return np.frombuffer(content, dtype=np.uint8, offset=header_len).reshape(dims)
+    except ValueError:  # e.g. dims (0, 2**31, 2**31): empty, yet too big a shape for numpy
+        shape = "x".join(map(str, dims))
+        raise DataError(f"{name}: IDX header dimensions {shape} are not a usable shape") from None
 
 
 def read_idx_bytes(
@@ -104,7 +113,7 @@ def encode_idx(array) -> bytes:
     a = np.asarray(array.numpy() if hasattr(array, "numpy") else array)
     if a.dtype != np.uint8:
         raise DataError(f"IDX files here hold uint8 data, got {a.dtype}")
-    if not 1 <= a.ndim <= 255:
+    if not 1 <= a.ndim <= MAX_NDIM:
         raise DataError(f"cannot write a {a.ndim}-dimensional array as IDX")
     header = struct.pack(f">HBB{a.ndim}I", 0, UBYTE, a.ndim, *a.shape)
     return header + np.ascontiguousarray(a).tobytes()

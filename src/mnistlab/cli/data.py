@@ -73,7 +73,7 @@ def show(index: int, split: str, normalized: bool, out: str | None, root: str | 
         raise DataError(f"index {index} out of range: the {split} split has {len(labels)} images")
     label = int(labels[index])
     if normalized:
-        image = normalize(images[index : index + 1])[0]
+        image = normalize(images[index].unsqueeze(0))[0]  # a slice breaks for index -1
         shape = tuple(image.shape)
         click.echo(f"type: torch.Tensor, shape: {shape}, dtype: float32, label: {label}")
         click.echo(f"min {float(image.min()):.4f}, max {float(image.max()):.4f}")

@@ -1,0 +1,126 @@
+"""Shared fixtures: the real MNIST root (read-only), an isolated decode cache, a CLI runner."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:
+    # The folder's own mtime catches a file created and deleted again (e.g. a write probe).
+    out = {".": (folder.stat().st_mtime_ns, "mtime")}
+    for p in sorted(folder.iterdir()):
+        if p.is_file():
+            out[p.name] = (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+        else:
+            out[p.name] = (-1, "dir")
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory):
+    """Session-wide environment for this process and every subprocess it starts.
+
+    MNISTLAB_CACHE: a private decode cache unless the caller chose one.
+    MNISTLAB_MIRRORS: a closed local port unless the caller chose mirrors, so nothing in a test
+    ever reaches the public mirrors; tests that download name their own mirrors.
+    """
+    defaults = {
+        "MNISTLAB_CACHE": str(tmp_path_factory.mktemp("mnistlab-cache")),
+        "MNISTLAB_MIRRORS": "http://127.0.0.1:9/",
+    }
+    added = [key for key in defaults if key not in os.environ]
+    for key in added:
+        os.environ[key] = defaults[key]
+    yield
+    for key in added:
+        os.environ.pop(key, None)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The real MNIST root ($MNISTLAB_DATA, else ../shared/datasets). Tests never write to it."""
+    root = Path(os.environ.get("MNISTLAB_DATA") or DEFAULT_DATA)
+    raw = root / "MNIST" / "raw"
+    missing = [
+        name
+        for name in MNIST_FILES
+        if not (raw / name).is_file() and not (raw / f"{name}.gz").is_file()
+    ]
+    if missing:
+        pytest.fail(
+            f"real MNIST files missing under {raw}: {', '.join(missing)}; "
+            "set MNISTLAB_DATA to a root that holds MNIST/raw",
+            pytrace=False,
+        )
+    return root
+
+
+@pytest.fixture(scope="session")
+def raw_files(data_root: Path) -> dict[str, Path]:
+    """name (without .gz) -> path of each real file."""
+    raw = data_root / "MNIST" / "raw"
+    return {
+        name: (raw / name) if (raw / name).is_file() else (raw / f"{name}.gz")
+        for name in MNIST_FILES
+    }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_data_untouched(request: pytest.FixtureRequest):
+    """Fail the session if anything wrote into the real data root's raw folder."""
+    root = Path(os.environ.get("MNISTLAB_DATA") or DEFAULT_DATA) / "MNIST" / "raw"
+    if not root.is_dir():
+        yield
+        return
+    before = _snapshot(root)
+    yield
+    after = _snapshot(root)
+    assert after == before, f"tests modified the shared data folder {root}"
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """run_cli(*args, env=None, timeout=120) -> CompletedProcess of `python -m mnistlab ...`.
+
+    `env` entries are added to (a copy of) the test process's environment; a value of None
+    removes that variable.
+    """
+
+    def run(
+        *args: str | os.PathLike[str],
+        env: Mapping[str, str | None] | None = None,
+        timeout: float = 120,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        full_env = dict(os.environ)
+        for key, value in (env or {}).items():
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
+        return subprocess.run(
+            [sys.executable, "-m", "mnistlab", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=timeout,
+            cwd=cwd,
+        )
+
+    return run
