@@ -119,10 +119,10 @@ def register_recipe(name: str, description: str, **overrides: Any) -> None:
 register_recipe("lab", "The lab: SimpleMNISTDNN, Adam 0.001, batch 64, 5 epochs.")
 register_recipe(
     "logreg",
-    "The lab's logistic regression: Linear(784, 10) with plain SGD.",
+    "The lab's logistic regression: Linear(784, 10) with plain SGD at 0.01.",
     model="logreg",
     optimizer="sgd",
-    lr=0.1,
+    lr=0.01,  # 0.1 oscillates (89.96-92.17% over seeds 0-3); 0.01 climbs steadily to ~92%
     epochs=5,
 )
 register_recipe(
