@@ -25,7 +25,15 @@ from .config import TrainConfig
 from .data import BatchLoader, load_mnist, split_indices
 from .errors import MnistlabError
 from .models import count_parameters, create_model
-from .training import FitState, build_optimizer, build_scheduler, evaluate, fit, select_device
+from .training import (
+    FitState,
+    auto_threads,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    fit,
+    select_device,
+)
 
 
 @dataclasses.dataclass
@@ -124,8 +132,8 @@ def train_run(
     else:
         cfg = (cfg or TrainConfig()).validate()
         run_dir = None  # created once the data and model are known to be good
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    # 0: one thread per idle core (a thread on a busy core stalls every op; see auto_threads).
+    torch.set_num_threads(cfg.threads or auto_threads())
     device = select_device(cfg.device)
     log(f"Using device: {device}")
 

@@ -129,3 +129,43 @@ class MNISTConvNet(nn.Module):
         x = torch.flatten(self.dropout1(torch.max_pool2d(x, 2)), 1)
         x = self.dropout2(torch.relu(self.fc1(x)))
         return self.fc2(x)
+
+
+def _conv_pool_bn(n_in: int, n_out: int) -> list[nn.Module]:
+    # Pool before BatchNorm and ReLU (ReLU commutes with max-pooling): those two memory-bound
+    # passes then touch a quarter of the pixels.
+    return [
+        nn.Conv2d(n_in, n_out, 3, padding=1, bias=False),
+        nn.MaxPool2d(2),
+        nn.BatchNorm2d(n_out),
+        nn.ReLU(inplace=True),
+    ]
+
+
+@register("fastcnn", "Small fast convnet: 5×5 stride-2 stem, two conv-pool-BN blocks, linear.")
+class FastCNN(nn.Module):
+    """Made for time to 99% on a CPU: about 29k parameters and 1.4M multiply-adds an image.
+
+    The stride-2 stem halves the resolution at once; the 2-pixel border it crops holds 0.2% of
+    the ink of MNIST's training images.
+    """
+
+    def __init__(self, widths: tuple[int, int, int] = (16, 32, 64), crop: int = 2) -> None:
+        super().__init__()
+        w1, w2, w3 = widths
+        self.crop = crop
+        size = (28 - 2 * crop + 1) // 2 // 2 // 2  # after the stem and two pools
+        self.features = nn.Sequential(
+            nn.Conv2d(1, w1, 5, stride=2, padding=2, bias=False),  # BatchNorm supplies the bias
+            nn.BatchNorm2d(w1),
+            nn.ReLU(inplace=True),
+            *_conv_pool_bn(w1, w2),
+            *_conv_pool_bn(w2, w3),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(w3 * size * size, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.crop:
+            c = self.crop
+            x = x[:, :, c:-c, c:-c]
+        return self.classifier(self.features(x))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -21,6 +22,8 @@ from .augment import make_augmentation
 from .config import TrainConfig
 
 Log = Callable[[str], None]
+# torch's own choice (physical cores, or $OMP_NUM_THREADS), before anyone lowers it.
+DEFAULT_THREADS = torch.get_num_threads()
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -42,10 +45,51 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def idle_cores(samples: int = 5, interval: float = 0.004, stat: str = "/proc/stat") -> int:
+    """CPU cores this process may use that no other process is running on right now.
+
+    From the kernel's count of runnable tasks (/proc/stat procs_running, ourselves included),
+    the median of a few samples; all usable cores where that count is not available.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    counts = []
+    for i in range(samples):
+        try:
+            with open(stat, "rb") as f:
+                for line in f:
+                    if line.startswith(b"procs_running"):
+                        counts.append(int(line.split()[1]))
+                        break
+        except (OSError, ValueError):
+            return cores
+        if i + 1 < samples:
+            time.sleep(interval)
+    if not counts:
+        return cores
+    others = sorted(counts)[len(counts) // 2] - 1
+    return max(1, min(cores, cores - others))
+
+
+def auto_threads() -> int:
+    """Threads for `threads=0`: one per idle core, never more than torch's default.
+
+    An OpenMP team waits at every op for its slowest thread, so a thread that shares its core
+    with another busy process can make a run many times slower; one thread too few costs at most
+    that thread's share.
+    """
+    return max(1, min(DEFAULT_THREADS, idle_cores()))
+
+
 def build_optimizer(cfg: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     params = list(params)
-    # foreach: one fused kernel per op over all parameters instead of a Python loop per tensor.
-    common: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "foreach": True}
+    # fused: the whole update in one pass over each parameter (CPU and CUDA kernels exist for
+    # Adam, AdamW and SGD); foreach otherwise: one kernel per op over all parameters.
+    fusable = cfg.optimizer in ("adam", "adamw", "sgd") and all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params
+    )
+    common: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    common["fused" if fusable else "foreach"] = True
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, **common)
     if cfg.optimizer == "adamw":
@@ -97,6 +141,7 @@ def train_epoch(
     progress: bool = False,
     desc: str = "train",
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    autocast: torch.dtype | None = None,
 ) -> tuple[float, float]:
     """One pass over `loader`; returns (mean loss, accuracy in %).
 
@@ -115,7 +160,12 @@ def train_epoch(
         if transform is not None:
             x = transform(x)
         optimizer.zero_grad(set_to_none=True)
-        logits = model(x)
+        if autocast is None:
+            logits = model(x)
+        else:  # low-precision forward; the loss and its gradient start in float32
+            with torch.autocast(x.device.type, dtype=autocast):
+                logits = model(x)
+            logits = logits.float()
         loss = loss_fn(logits, y)
         loss.backward()
         if grad_clip > 0:
@@ -230,6 +280,9 @@ def fit(
         translate=cfg.aug_translate,
     )
     device = next(model.parameters()).device
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its params
+    autocast = torch.bfloat16 if cfg.autocast == "bf16" else None
     end = state.epoch if state.stopped_early else cfg.epochs  # a resumed early stop stays stopped
     for epoch in range(state.epoch, end):
         if hasattr(train_loader, "set_epoch"):
@@ -248,6 +301,7 @@ def fit(
             progress=progress,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             transform=transform,
+            autocast=autocast,
         )
         record: dict[str, Any] = {
             "epoch": epoch + 1,

@@ -29,7 +29,7 @@ FIELD_HELP = {
     "epochs": "Epochs. Default: 5.",
     "seed": "Random seed. Default: 0.",
     "device": "auto, cpu, cuda or mps. Default: auto (CUDA, then MPS, then CPU).",
-    "threads": "Torch CPU threads; 0 keeps torch's default.",
+    "threads": "Torch CPU threads; 0: one per idle core, at most torch's default.",
     "train_limit": "Advanced: train on the first N training images only (for quick tests).",
     "val_split": "Hold out this fraction of the training set for validation. Default: off.",
     "early_stop": "Stop when validation loss has not improved for N epochs. Default: off.",
@@ -39,6 +39,8 @@ FIELD_HELP = {
     "aug_scale": "affine: max zoom in or out, as a fraction. Default: 0.1.",
     "aug_shear": "affine: max shear in degrees. Default: 0.",
     "aug_translate": "affine: max shift, as a fraction of the image. Default: 0.1.",
+    "autocast": "none, or bf16: train in bfloat16 where safe (evaluation stays float32).",
+    "channels_last": "Channels-last (NHWC) memory layout: faster convolutions on CPU.",
 }
 SKIP = {"recipe", "model_args"}
 
