@@ -95,10 +95,10 @@ def test_resolved_config_is_printed_and_saved(tmp_path, data_root, capsys):
 # ---- bad input: one line, non-zero exit, no traceback, no run folder ----------------------------
 
 BAD_FLAGS = [
-    (["--model", "resnet"], ["unknown model 'resnet'", "logreg, mlp, mlp-dropout, mlp-bn, cnn"]),
-    (["--optimizer", "lion"], ["unknown optimizer 'lion'", "adam, adamw, sgd, rmsprop"]),
-    (["--schedule", "linear"], ["unknown schedule 'linear'", "none, step, cosine, onecycle"]),
-    (["--recipe", "fast"], ["unknown recipe 'fast'", "lab"]),
+    (["--model", "nope"], ["unknown model 'nope'", "logreg, mlp, mlp-dropout, mlp-bn, cnn"]),
+    (["--optimizer", "nope"], ["unknown optimizer 'nope'", "adam, adamw, sgd, rmsprop"]),
+    (["--schedule", "nope"], ["unknown schedule 'nope'", "none, step, cosine, onecycle"]),
+    (["--recipe", "nope"], ["unknown recipe 'nope'", "lab"]),
     (["--epochs", "0"], ["epochs must be positive, got 0"]),
     (["--epochs", "-3"], ["epochs must be positive, got -3"]),
     (["--batch-size", "0"], ["batch size must be positive"]),
