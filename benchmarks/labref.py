@@ -1,0 +1,211 @@
+"""The lab-style reference pipeline every speed figure is compared with.
+
+What the lab does, without torchvision: a per-sample `Dataset` that builds a PIL image from the
+uint8 array, turns it into a float tensor scaled by 1/255 and normalizes it (torchvision's
+`ToTensor` + `Normalize`, reimplemented line for line), `DataLoader(batch_size=64,
+shuffle=True)` and a test `DataLoader(batch_size=1000)`, and the lab's own `train_epoch` /
+`evaluate` loops. It deliberately imports nothing from mnistlab.
+"""
+
+from __future__ import annotations
+
+import gzip
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+MEAN, STD = 0.1307, 0.3081
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """An IDX file as a uint8 tensor, the way torchvision's MNIST reads its raw files."""
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).view(*shape)
+
+
+def load_split(raw: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images [N, 28, 28], int64 labels [N]) from `<raw>/<file>` or `<raw>/<file>.gz`."""
+    out = []
+    for name in FILES[split]:
+        path = raw / name if (raw / name).is_file() else raw / f"{name}.gz"
+        out.append(read_idx(path))
+    return out[0], out[1].long()
+
+
+class LabMNIST(Dataset):
+    """torchvision's MNIST __getitem__ with transforms.Compose([ToTensor(), Normalize(...)])."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.data, self.targets = images, labels
+        self.mean = torch.as_tensor([MEAN]).view(-1, 1, 1)
+        self.std = torch.as_tensor([STD]).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img, target = self.data[index], int(self.targets[index])
+        img = Image.fromarray(img.numpy(), mode="L")
+        # ToTensor: HWC uint8 array → CHW float in [0, 1].
+        x = torch.from_numpy(np.array(img, np.uint8, copy=True))
+        x = x.view(img.size[1], img.size[0], 1).permute((2, 0, 1)).contiguous()
+        x = x.to(dtype=torch.get_default_dtype()).div(255)
+        # Normalize (not in place, like torchvision's default).
+        x = x.sub(self.mean).div(self.std)
+        return x, target
+
+
+class SimpleMNISTDNN(nn.Module):
+    """The lab's main model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(28 * 28, 128)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.relu(self.fc1(self.flatten(x))))
+
+
+class Net(nn.Module):
+    """The PyTorch MNIST example convnet (mnistlab's `cnn`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.flatten(self.dropout1(torch.max_pool2d(x, 2)), 1)
+        x = self.dropout2(torch.relu(self.fc1(x)))
+        return self.fc2(x)
+
+
+MODELS = {"mlp": SimpleMNISTDNN, "cnn": Net}
+
+
+def train_epoch(model, loader, optimizer, criterion, device, log_every=134, verbose=False):
+    """The lab's training loop: running loss and accuracy, a progress line every 134 steps."""
+    model.train()
+    running_loss, correct, total = 0.0, 0, 0
+    for step, (images, labels) in enumerate(loader, start=1):
+        images, labels = images.to(device), labels.to(device)
+        optimizer.zero_grad()
+        outputs = model(images)
+        loss = criterion(outputs, labels)
+        loss.backward()
+        optimizer.step()
+        running_loss += loss.item() * labels.size(0)
+        _, predicted = outputs.max(1)
+        total += labels.size(0)
+        correct += predicted.eq(labels).sum().item()
+        if step % log_every == 0:
+            line = (
+                f"Step {step}/{len(loader)} - Loss: {running_loss / total:.3f} | "
+                f"Acc: {100.0 * correct / total:.2f}%"
+            )
+            if verbose:
+                print(line)
+            running_loss, correct, total = 0.0, 0, 0
+
+
+def evaluate(model, loader, device) -> float:
+    """The lab's evaluation: eval mode, no gradients, accuracy in %."""
+    model.eval()
+    correct, total = 0, 0
+    with torch.no_grad():
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            outputs = model(images)
+            _, predicted = outputs.max(1)
+            total += labels.size(0)
+            correct += predicted.eq(labels).sum().item()
+    return 100.0 * correct / total
+
+
+def run(
+    raw: Path,
+    model_name: str = "mlp",
+    epochs: int = 5,
+    seed: int = 0,
+    target: float | None = None,
+    limit: int = 0,
+    verbose: bool = False,
+) -> dict:
+    """Train the lab way; returns per-epoch test accuracy and seconds since the call.
+
+    With `target`, stop after the first epoch whose test accuracy reaches it (time to target).
+    `limit` trains and tests on the first N images only (smoke tests).
+    """
+    start = time.perf_counter()
+    device = torch.device("cpu")
+    torch.manual_seed(seed)
+    train_x, train_y = load_split(raw, "train")
+    test_x, test_y = load_split(raw, "test")
+    if limit:
+        train_x, train_y = train_x[:limit], train_y[:limit]
+        test_x, test_y = test_x[:limit], test_y[:limit]
+    train_loader = DataLoader(LabMNIST(train_x, train_y), batch_size=64, shuffle=True)
+    test_loader = DataLoader(LabMNIST(test_x, test_y), batch_size=1000)
+    model = MODELS[model_name]().to(device)
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+    accs, times = [], []
+    for _ in range(epochs):
+        train_epoch(model, train_loader, optimizer, criterion, device, verbose=verbose)
+        accs.append(evaluate(model, test_loader, device))
+        times.append(time.perf_counter() - start)
+        if verbose:
+            print(f"epoch {len(accs)}: test acc {accs[-1]:.2f}% at {times[-1]:.1f}s")
+        if target is not None and accs[-1] >= target:
+            break
+    reached = target is None or accs[-1] >= target
+    return {
+        "model": model_name,
+        "test_acc": accs[-1],
+        "accs": accs,
+        "epoch_seconds": times,
+        "epochs": len(accs),
+        "seconds": times[-1],
+        "reached": reached,
+        "threads": torch.get_num_threads(),
+    }
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    import os
+
+    p = argparse.ArgumentParser(description="Run the lab-style reference pipeline once.")
+    p.add_argument("--model", default="mlp", choices=list(MODELS))
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--target", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--raw", help="Folder of the IDX files. Default: $MNISTLAB_DATA/MNIST/raw.")
+    p.add_argument("--verbose", action="store_true")
+    a = p.parse_args()
+    raw = Path(a.raw) if a.raw else Path(os.environ.get("MNISTLAB_DATA", "data")) / "MNIST" / "raw"
+    print(json.dumps(run(raw, a.model, a.epochs, a.seed, a.target, a.limit, a.verbose)))
