@@ -144,6 +144,21 @@ register_recipe(
     epochs=3,
 )
 register_recipe(
+    "robust",
+    "The bundled model: compact convnet, affine augmentation (±15°, ±20% zoom, ±10° shear, "
+    "±10% shift), Adam one-cycle 0.005, batch 128, 15 epochs, 10% held out for validation.",
+    model="convnet",
+    augment="affine",
+    aug_degrees=15.0,
+    aug_scale=0.2,
+    aug_shear=10.0,
+    schedule="onecycle",
+    lr=0.005,
+    batch_size=128,
+    epochs=15,
+    val_split=0.1,
+)
+register_recipe(
     "fast",
     "Time to 99%: fastcnn, one epoch, AdamW one-cycle 0.01, batch 128, label smoothing 0.1, "
     "bfloat16 autocast, channels-last.",
