@@ -32,6 +32,7 @@ from .training import (
     build_scheduler,
     evaluate,
     fit,
+    prewarm_optimizer_import,
     select_device,
 )
 
@@ -137,6 +138,7 @@ def train_run(
     device = select_device(cfg.device)
     log(f"Using device: {device}")
 
+    prewarm_optimizer_import()  # overlaps torch.optim's first-use import with loading the data
     data = make_loaders(cfg, root, device)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, **cfg.model_args).to(device)
