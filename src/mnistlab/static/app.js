@@ -227,11 +227,11 @@ async function loadModel() {
     const m = await response.json();
     const acc =
       m.test_accuracy === null || m.test_accuracy === undefined
-        ? "test accuracy unknown"
-        : `test accuracy ${m.test_accuracy.toFixed(2)}%`;
+        ? "test accuracy unknown."
+        : `test accuracy ${m.test_accuracy.toFixed(2)}% on the 10,000 MNIST test digits.`;
     el.textContent =
       `Model: ${m.name} (${m.architecture}, ${m.parameters.toLocaleString("en")} ` +
-      `parameters), ${acc} on the 10,000 MNIST test digits.`;
+      `parameters), ${acc}`;
   } catch (err) {
     el.textContent = `Could not load the model's details (${err.message}).`;
   }
