@@ -267,3 +267,29 @@ def test_optimizer_and_schedule_state_survive_a_resume(tmp_path, data_root, monk
     assert resumed["epochs"] == 3
     assert without_timing(runs.read_metrics(tmp_path / "cut")) == without_timing(whole["history"])
     assert resumed["test_acc"] == whole["test_acc"]
+
+
+def test_a_resume_keeps_the_thread_count_the_run_started_with(tmp_path, data_root, monkeypatch):
+    from mnistlab import experiment
+
+    # CPU results depend on the thread count, and automatic threads follow the machine's load.
+    kw = {"model": "mlp", "epochs": 2, "train_limit": 640, "threads": 0}
+    try:
+        monkeypatch.setattr(experiment, "auto_threads", lambda: 2)
+        whole = tiny_run(tmp_path, data_root, "whole", **kw)
+        real_write = runs.write_metrics
+
+        def interrupt(run_dir, history):
+            real_write(run_dir, history)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(runs, "write_metrics", interrupt)
+        with pytest.raises(MnistlabError, match="saved after epoch 1/2"):
+            tiny_run(tmp_path, data_root, "cut", **kw)
+        monkeypatch.setattr(runs, "write_metrics", real_write)
+        monkeypatch.setattr(experiment, "auto_threads", lambda: 1)  # the machine got busier
+        train_run(resume=tmp_path / "cut", root=data_root, log=lambda line: None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert without_timing(runs.read_metrics(tmp_path / "cut")) == without_timing(whole["history"])

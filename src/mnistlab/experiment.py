@@ -87,6 +87,15 @@ def _check_resume(run_dir: Path, asked: dict[str, Any]) -> TrainConfig:
     return dataclasses.replace(saved, **runtime).validate()
 
 
+def _started_threads(run_dir: Path) -> int | None:
+    """The torch thread count a run started with, from its environment.json, if readable."""
+    try:
+        threads = runs.read_json(run_dir / runs.ENVIRONMENT).get("threads")
+    except (MnistlabError, AttributeError):
+        return None
+    return threads if isinstance(threads, int) and threads > 0 else None
+
+
 def _restore(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> FitState:
@@ -134,7 +143,9 @@ def train_run(
         cfg = (cfg or TrainConfig()).validate()
         run_dir = None  # created once the data and model are known to be good
     # 0: one thread per idle core (a thread on a busy core stalls every op; see auto_threads).
-    torch.set_num_threads(cfg.threads or auto_threads())
+    # A resumed run keeps the count it started with: CPU results depend on it, to the last bit.
+    threads = cfg.threads or (resume is not None and _started_threads(run_dir)) or auto_threads()
+    torch.set_num_threads(threads)
     device = select_device(cfg.device)
     log(f"Using device: {device}")
 
