@@ -86,7 +86,10 @@ def open_image(source: ImageSource) -> Image.Image:
     """
     if isinstance(source, Image.Image):
         _check_pixels(source.size, "image")
-        return _to_gray(source)
+        try:  # an image from Image.open is decoded only now, and may turn out corrupt
+            return _to_gray(ImageOps.exif_transpose(source) or source)
+        except Exception as e:
+            raise ImageError(f"image: corrupt or truncated ({_reason(e)})") from None
     if isinstance(source, torch.Tensor):
         return _from_array(source.detach().cpu().numpy(), "tensor")
     if isinstance(source, np.ndarray):
