@@ -50,6 +50,7 @@ class TrainConfig:
     aug_translate: float = 0.1  # affine: max shift as a fraction of the image size
     autocast: str = "none"  # bf16: forward and backward in bfloat16 where safe (training only)
     channels_last: bool = False  # NHWC memory layout for the model: faster convolutions on CPU
+    ema: float = 0.0  # decay of a moving average of the weights, evaluated and kept; 0: off
     model_args: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> TrainConfig:
@@ -89,6 +90,8 @@ class TrainConfig:
             )
         if self.early_stop and not self.val_split:
             raise bad("--early-stop needs a validation split: add --val-split FRACTION")
+        if not 0.0 <= self.ema < 1.0:
+            raise bad(f"EMA decay must be in [0, 1), e.g. 0.999; got {self.ema}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise bad(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.momentum < 0:

@@ -157,6 +157,7 @@ def train_epoch(
     desc: str = "train",
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     autocast: torch.dtype | None = None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> tuple[float, float]:
     """One pass over `loader`; returns (mean loss, accuracy in %).
 
@@ -188,6 +189,8 @@ def train_epoch(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         n = y.shape[0]
         batch_loss = loss.item() * n
         batch_correct = (logits.argmax(1) == y).sum().item()
@@ -266,6 +269,7 @@ class FitState:
     bad_epochs: int = 0
     best_state: dict[str, torch.Tensor] | None = None
     stopped_early: bool = False
+    ema_state: dict[str, torch.Tensor] | None = None  # the weight average, with cfg.ema
 
 
 def fit(
@@ -298,6 +302,17 @@ def fit(
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its params
     autocast = torch.bfloat16 if cfg.autocast == "bf16" else None
+    ema = None
+    if cfg.ema:
+        # An exponential moving average of the weights (and BatchNorm statistics): evaluated
+        # every epoch and, at the end, copied into `model`.
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema),
+            use_buffers=True,
+        )
+        if state.ema_state is not None:
+            ema.load_state_dict(state.ema_state)
+    eval_model = ema.module if ema is not None else model
     end = state.epoch if state.stopped_early else cfg.epochs  # a resumed early stop stays stopped
     for epoch in range(state.epoch, end):
         if hasattr(train_loader, "set_epoch"):
@@ -317,15 +332,18 @@ def fit(
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             transform=transform,
             autocast=autocast,
+            ema=ema,
         )
+        if ema is not None:
+            state.ema_state = ema.state_dict()
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
             "train_acc": train_acc,
         }
         if val_loader is not None:
-            record["val_loss"], record["val_acc"] = evaluate(model, val_loader, eval_loss_fn)
-        record["test_loss"], record["test_acc"] = evaluate(model, test_loader, eval_loss_fn)
+            record["val_loss"], record["val_acc"] = evaluate(eval_model, val_loader, eval_loss_fn)
+        record["test_loss"], record["test_acc"] = evaluate(eval_model, test_loader, eval_loss_fn)
         record["lr"] = optimizer.param_groups[0]["lr"]
         record["seconds"] = time.perf_counter() - start
         state.history.append(record)
@@ -342,7 +360,7 @@ def fit(
                     epoch + 1,
                     0,
                 )
-                state.best_state = copy.deepcopy(model.state_dict())
+                state.best_state = copy.deepcopy(eval_model.state_dict())
             else:
                 state.bad_epochs += 1
         parts.append(f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.2f}%")
@@ -358,6 +376,8 @@ def fit(
                 f"restoring the weights of epoch {state.best_epoch}"
             )
             break
+    if ema is not None:
+        model.load_state_dict(ema.module.state_dict())
     if cfg.early_stop and state.best_state is not None:
         model.load_state_dict(state.best_state)
     return state

@@ -41,6 +41,7 @@ FIELD_HELP = {
     "aug_translate": "affine: max shift, as a fraction of the image. Default: 0.1.",
     "autocast": "none, or bf16: train in bfloat16 where safe (evaluation stays float32).",
     "channels_last": "Channels-last (NHWC) memory layout: faster convolutions on CPU.",
+    "ema": "Keep a moving average of the weights with this decay (e.g. 0.999); 0 is off.",
 }
 SKIP = {"recipe", "model_args"}
 
