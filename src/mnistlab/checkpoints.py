@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import MnistlabError
-from .fileio import atomic_path
+from .fileio import atomic_path, atomic_write_bytes
 from .models import MODELS, create_model
 
 WEIGHTS_NAME = "model.pt"
@@ -61,13 +61,13 @@ def load_torch(path: str | os.PathLike[str]) -> Any:
 def save_safetensors(
     state: dict[str, torch.Tensor], path: str | os.PathLike[str], meta: dict[str, Any]
 ) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = {"mnistlab": json.dumps(meta)}
     try:
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+        # Serialize in memory and write through fileio: safetensors' own writer makes 0600 files.
+        atomic_write_bytes(path, save(tensors, metadata=metadata))
     except OSError as e:
         raise MnistlabError(
             f"could not save {path}: {_write_error(e)}; the previous file is intact"
