@@ -144,7 +144,7 @@ def train_run(
         run_dir = None  # created once the data and model are known to be good
     # 0: one thread per idle core (a thread on a busy core stalls every op; see auto_threads).
     # A resumed run keeps the count it started with: CPU results depend on it, to the last bit.
-    threads = cfg.threads or (resume is not None and _started_threads(run_dir)) or auto_threads()
+    threads = cfg.threads or (resume is not None and _started_threads(run_dir)) or auto_threads(cfg)
     torch.set_num_threads(threads)
     device = select_device(cfg.device)
     log(f"Using device: {device}")

@@ -73,13 +73,51 @@ def idle_cores(samples: int = 5, interval: float = 0.004, stat: str = "/proc/sta
     return max(1, min(cores, cores - others))
 
 
-def auto_threads() -> int:
-    """Threads for `threads=0`: one per idle core, never more than torch's default.
+# Below this many multiply-adds in a training batch's forward pass, a second thread's sync costs
+# about what it saves (the lab's mlp at batch 64: 6.5M, 1.1x at best; fastcnn at 128: 178M, 2x).
+SMALL_STEP_MACS = 20_000_000
+
+
+def forward_macs(model: nn.Module, shape: tuple[int, ...] = (1, 1, 28, 28)) -> int:
+    """Multiply-adds of a forward pass on a batch of `shape` (Conv2d and Linear layers)."""
+    total = 0
+
+    def count(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+        elif isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            total += output.numel() * k * module.in_channels // module.groups
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d))]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(shape, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def auto_threads(cfg: TrainConfig | None = None) -> int:
+    """Threads for `threads=0`: one per idle core, never more than torch's default; one alone
+    when `cfg`'s model does too little work per training step to share it.
 
     An OpenMP team waits at every op for its slowest thread, so a thread that shares its core
     with another busy process can make a run many times slower; one thread too few costs at most
     that thread's share.
     """
+    if cfg is not None:
+        from .models import create_model
+
+        with torch.random.fork_rng(devices=[]):  # a throwaway model: leave the seed alone
+            macs = forward_macs(create_model(cfg.model, **cfg.model_args))
+        if macs * cfg.batch_size < SMALL_STEP_MACS:
+            return 1
     return max(1, min(DEFAULT_THREADS, idle_cores()))
 
 
