@@ -12,6 +12,7 @@ import argparse
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -79,11 +80,13 @@ def paths_for(model: torch.nn.Module, onnx_dir: Path, threads: int) -> dict:
         import onnxruntime as ort
 
         path = onnx_dir / f"{id(model)}.onnx"
-        torch.onnx.export(
-            model, (torch.zeros(1, 1, 28, 28),), str(path), dynamo=False,
-            input_names=["x"], output_names=["logits"],
-            dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
-        )
+        with warnings.catch_warnings():  # the TorchScript exporter warns that it is the old one
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                model, (torch.zeros(1, 1, 28, 28),), str(path), dynamo=False,
+                input_names=["x"], output_names=["logits"],
+                dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+            )
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
