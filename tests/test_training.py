@@ -275,7 +275,7 @@ def test_a_resume_keeps_the_thread_count_the_run_started_with(tmp_path, data_roo
     # CPU results depend on the thread count, and automatic threads follow the machine's load.
     kw = {"model": "mlp", "epochs": 2, "train_limit": 640, "threads": 0}
     try:
-        monkeypatch.setattr(experiment, "auto_threads", lambda: 2)
+        monkeypatch.setattr(experiment, "auto_threads", lambda *_: 2)
         whole = tiny_run(tmp_path, data_root, "whole", **kw)
         real_write = runs.write_metrics
 
@@ -287,7 +287,7 @@ def test_a_resume_keeps_the_thread_count_the_run_started_with(tmp_path, data_roo
         with pytest.raises(MnistlabError, match="saved after epoch 1/2"):
             tiny_run(tmp_path, data_root, "cut", **kw)
         monkeypatch.setattr(runs, "write_metrics", real_write)
-        monkeypatch.setattr(experiment, "auto_threads", lambda: 1)  # the machine got busier
+        monkeypatch.setattr(experiment, "auto_threads", lambda *_: 1)  # the machine got busier
         train_run(resume=tmp_path / "cut", root=data_root, log=lambda line: None)
         assert torch.get_num_threads() == 2
     finally:
