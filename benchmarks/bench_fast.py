@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
             "epochs": [r["epochs"] for r in refs],
             "accs": [r["accs"] for r in refs],
             "reached": all_reached,
+            "threads": refs[-1]["threads"],
         },
         "mnistlab": {"seconds": our_s, "test_acc": accs, "threads": ours[-1]["threads"]},
         "ratio": ratio,

@@ -9,6 +9,7 @@ the two so that a busy machine slows both alike. Target: ≥ 15× faster, accura
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -37,13 +38,17 @@ def main(argv: list[str] | None = None) -> dict:
         bu.run_json(bu.mnistlab_cmd("data", "info", "--json"))  # fill mnistlab's decode cache
         for seed in range(runs):
             ref = bu.run_json(bu.labref_cmd("--raw", str(raw), "--seed", str(seed), *ref_small))
-            print(f"reference seed {seed}: {ref['seconds']:.2f}s, test acc {ref['test_acc']:.2f}%")
+            print(f"reference seed {seed}: {ref['seconds']:.2f}s, test acc {ref['test_acc']:.2f}% "
+                  f"({ref['threads']} threads)", flush=True)
             refs.append(ref)
             run = bu.run_json(bu.mnistlab_cmd(
                 "train", "--json", "--no-progress", "--runs-dir", f"{tmp}/runs",
                 "--seed", str(seed), *ours_small,
             ))
-            print(f"mnistlab  seed {seed}: {run['seconds']:.2f}s, test acc {run['test_acc']:.2f}%")
+            env = json.loads((Path(run["run_dir"]) / "environment.json").read_text())
+            run["threads"] = env.get("threads")
+            print(f"mnistlab  seed {seed}: {run['seconds']:.2f}s, test acc {run['test_acc']:.2f}% "
+                  f"({run['threads']} thread(s))", flush=True)
             ours.append(run)
     ref_s = bu.stats([r["seconds"] for r in refs])
     our_s = bu.stats([r["seconds"] for r in ours])
@@ -58,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
         "name": "lab",
         "hardware": hw,
         "quick": a.quick,
-        "reference": {"seconds": ref_s, "test_acc": [r["test_acc"] for r in refs]},
+        "reference": {"seconds": ref_s, "test_acc": [r["test_acc"] for r in refs],
+                      "threads": refs[-1]["threads"]},
         "mnistlab": {"seconds": our_s, "test_acc": accs, "threads": ours[-1].get("threads")},
         "ratio": ratio,
         "met": met,
