@@ -57,9 +57,8 @@ def _config_options(func):
                 f"{flag}/--no-{flag[2:]}", f.name, default=None, help=FIELD_HELP.get(f.name, "")
             )(func)
         else:
-            func = click.option(flag, f.name, type=kind, default=None, help=FIELD_HELP.get(f.name, ""))(
-                func
-            )
+            help_text = FIELD_HELP.get(f.name, "")
+            func = click.option(flag, f.name, type=kind, default=None, help=help_text)(func)
     return func
 
 
