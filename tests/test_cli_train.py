@@ -281,7 +281,7 @@ def test_kill_9_during_epoch_3_then_resume_equals_an_uninterrupted_run(tmp_path,
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupt_exits_cleanly_and_says_how_to_resume(tmp_path, capsys, sig):
-    proc = start(tmp_path, "stopped", "--epochs", "3", "--train-limit", "5000")
+    proc = start(tmp_path, "stopped", "--epochs", "4", "--train-limit", "5000")
     run = tmp_path / "stopped"
     wait_for_epochs(proc, run, 1)
     proc.send_signal(sig)
@@ -293,11 +293,11 @@ def test_interrupt_exits_cleanly_and_says_how_to_resume(tmp_path, capsys, sig):
     match = re.search(r"Resume with: (mnistlab train --resume \S+)$", last)
     assert match and match[1] == f"mnistlab train --resume {run}"
     saved = torch.load(run / "checkpoint.pt", weights_only=True)["state"]["epoch"]
-    assert f"saved after epoch {saved}/3" in last and saved >= 1
+    assert f"saved after epoch {saved}/4" in last and saved >= 1
     assert not (run / "summary.json").exists()
 
     # The printed command works as it stands.
     code, out, err = invoke(capsys, *shlex.split(match[1])[1:], "--no-report", "--json")
     assert code == 0, err
-    assert json.loads(out)["epochs"] == 3
-    assert [r["epoch"] for r in runs.read_metrics(run)] == [1, 2, 3]
+    assert json.loads(out)["epochs"] == 4
+    assert [r["epoch"] for r in runs.read_metrics(run)] == [1, 2, 3, 4]
