@@ -32,7 +32,6 @@ from .training import (
     build_scheduler,
     evaluate,
     fit,
-    prewarm_optimizer_import,
     select_device,
 )
 
@@ -149,7 +148,6 @@ def train_run(
     device = select_device(cfg.device)
     log(f"Using device: {device}")
 
-    prewarm_optimizer_import()  # overlaps torch.optim's first-use import with loading the data
     data = make_loaders(cfg, root, device)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, **cfg.model_args).to(device)

@@ -7,11 +7,9 @@ Batches come from an in-memory BatchLoader; per step the loop does only what the
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -119,19 +117,6 @@ def auto_threads(cfg: TrainConfig | None = None) -> int:
         if macs * cfg.batch_size < SMALL_STEP_MACS:
             return 1
     return max(1, min(DEFAULT_THREADS, idle_cores()))
-
-
-def prewarm_optimizer_import() -> None:
-    """Start importing torch._dynamo in the background (call it before loading data).
-
-    Every torch.optim optimizer imports it on first use, which takes about a second; a thread
-    overlaps that with whatever the caller does meanwhile.
-    """
-    if "torch._dynamo" not in sys.modules:
-        threading.Thread(
-            target=importlib.import_module, args=("torch._dynamo",), daemon=True,
-            name="mnistlab-prewarm",
-        ).start()
 
 
 def build_optimizer(cfg: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
