@@ -38,7 +38,7 @@ class TrainConfig:
     epochs: int = 5
     seed: int = 0
     device: str = "auto"
-    threads: int = 0  # torch threads; 0: one per idle core, at most torch's default
+    threads: int = 0  # torch threads; 0: one for small models, else one per idle core
     train_limit: int = 0  # train on the first N training images only (quick tests); 0: all
     val_split: float = 0.0  # fraction of the training set held out; 0 turns validation off
     early_stop: int = 0  # patience in epochs on validation loss; 0 turns it off

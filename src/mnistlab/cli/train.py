@@ -29,7 +29,7 @@ FIELD_HELP = {
     "epochs": "Epochs. Default: 5.",
     "seed": "Random seed. Default: 0.",
     "device": "auto, cpu, cuda or mps. Default: auto (CUDA, then MPS, then CPU).",
-    "threads": "Torch CPU threads; 0: one per idle core, at most torch's default.",
+    "threads": "Torch CPU threads; 0: one for small models, else one per idle core.",
     "train_limit": "Advanced: train on the first N training images only (for quick tests).",
     "val_split": "Hold out this fraction of the training set for validation. Default: off.",
     "early_stop": "Stop when validation loss has not improved for N epochs. Default: off.",
