@@ -27,7 +27,8 @@ def summaries(folder: Path, recipe: str) -> list[dict]:
         summary = json.loads(path.read_text())
         config = json.loads((path.parent / "config.json").read_text())
         if summary.get("recipe") == recipe:
-            out.append({**summary, "seed": config["seed"], "config": config})
+            out.append({**summary, "run_dir": str(path.parent), "seed": config["seed"],
+                        "config": config})
     return sorted(out, key=lambda s: s["seed"])
 
 
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--runs-from", type=Path, default=None,
                    help="Read finished best runs from this runs folder instead of training.")
+    p.add_argument("--threads", type=int, default=0,
+                   help="--threads for the best runs (0: mnistlab's automatic choice).")
     p.add_argument("--quick", action="store_true",
                    help="Smoke run: one epoch on 2,000 images; nothing is saved.")
     p.add_argument("--no-save", action="store_true", help="Do not write benchmarks/results.")
@@ -56,6 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
             refs.append(ref)
         if a.runs_from is not None:
             ours = summaries(a.runs_from, "best")[:seeds]
+            for run in ours:
+                env = json.loads((Path(run["run_dir"]) / "environment.json").read_text())
+                run["threads"] = env.get("threads")
             if len(ours) < seeds:
                 sys.exit(f"{a.runs_from} holds {len(ours)} complete best runs, need {seeds}")
         else:
@@ -63,13 +69,16 @@ def main(argv: list[str] | None = None) -> dict:
             for seed in range(seeds):
                 run = bu.run_json(bu.mnistlab_cmd(
                     "train", "--recipe", "best", "--json", "--no-progress", "--runs-dir",
-                    f"{tmp}/best", "--seed", str(seed), *quick,
+                    f"{tmp}/best", "--seed", str(seed), "--threads", str(a.threads), *quick,
                 ), timeout=2 * TARGET_SECONDS)
                 run["seed"] = seed
+                env = json.loads((Path(run["run_dir"]) / "environment.json").read_text())
+                run["threads"] = env.get("threads")
                 ours.append(run)
         for run in ours:
-            print(f"best seed {run['seed']}: {run['test_acc']:.2f}% in {run['seconds']:.0f}s "
-                  f"(best validation acc {run.get('best_val_acc')})", flush=True)
+            print(f"best seed {run['seed']}: {run['test_acc']:.2f}% in {run['seconds']:.0f}s on "
+                  f"{run.get('threads')} thread(s) (best validation acc "
+                  f"{run.get('best_val_acc') or 0:.2f}%)", flush=True)
     accs = [r["test_acc"] for r in ours]
     acc_s = bu.stats(accs)
     sec_s = bu.stats([r["seconds"] for r in ours])
@@ -92,12 +101,14 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds": sec_s,
             "best_val_acc": [r.get("best_val_acc") for r in ours],
             "seeds": [r["seed"] for r in ours],
+            "threads": [r.get("threads") for r in ours],
         },
         "error_ratio": error_ratio,
         "met_acc": met_acc,
         "met_time": met_time,
         "met": met_acc and met_time,
         "command": "python benchmarks/bench_best.py"
+        + (f" --threads {a.threads}" if a.threads else "")
         + (f" --runs-from {a.runs_from}" if a.runs_from else ""),
     }
     if not a.quick and not a.no_save:

@@ -91,7 +91,8 @@ def table(results: dict[str, dict]) -> list[str]:
         rows.append(
             f"| Best accuracy, `--recipe best`, {acc['n']} seeds | mean {acc['mean']:.3f}% "
             f"(min {acc['min']:.2f}, max {acc['max']:.2f}); {ours['seconds']['max'] / 60:.1f} min "
-            f"max a run | {ref['test_acc']['mean']:.2f}% (lab's Advanced MLP) | "
+            f"max a run on {max(ours.get('threads') or [0])} thread(s) | "
+            f"{ref['test_acc']['mean']:.2f}% (lab's Advanced MLP) | "
             f"{best['error_ratio']:.1f}× fewer errors | mean ≥ 99.65%, ≤ 15 min a run | "
             f"{yes(best['met'])} |"
         )
