@@ -32,16 +32,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from mnistlab.runs import cpu_name
 
 
 def hardware() -> str:

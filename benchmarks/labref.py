@@ -19,6 +19,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from mnistlab.models import MNISTConvNet, SimpleMNISTDNN
+
 MEAN, STD = 0.1307, 0.3081
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -68,41 +70,8 @@ class LabMNIST(Dataset):
         return x, target
 
 
-class SimpleMNISTDNN(nn.Module):
-    """The lab's main model."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flatten = nn.Flatten()
-        self.fc1 = nn.Linear(28 * 28, 128)
-        self.relu = nn.ReLU()
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.relu(self.fc1(self.flatten(x))))
-
-
-class Net(nn.Module):
-    """The PyTorch MNIST example convnet (mnistlab's `cnn`)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, 1)
-        self.conv2 = nn.Conv2d(32, 64, 3, 1)
-        self.dropout1 = nn.Dropout(0.25)
-        self.dropout2 = nn.Dropout(0.5)
-        self.fc1 = nn.Linear(9216, 128)
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv1(x))
-        x = torch.relu(self.conv2(x))
-        x = torch.flatten(self.dropout1(torch.max_pool2d(x, 2)), 1)
-        x = self.dropout2(torch.relu(self.fc1(x)))
-        return self.fc2(x)
-
-
-MODELS = {"mlp": SimpleMNISTDNN, "cnn": Net}
+# The same classes mnistlab trains: the reference differs in its pipeline only.
+MODELS = {"mlp": SimpleMNISTDNN, "cnn": MNISTConvNet}
 
 
 def train_epoch(model, loader, optimizer, criterion, device, log_every=134, verbose=False):
