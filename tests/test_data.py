@@ -265,7 +265,9 @@ def test_loader_yields_normalized_pairs_that_match(train):
     loader = BatchLoader(images, labels, batch_size=1000, shuffle=True, seed=5)
     x, y = next(iter(loader))
     order = loader.order(0)[:1000]
-    torch.testing.assert_close(x, normalize(images[order]))
+    assert loader.x.dtype == torch.uint8  # kept small; batches are normalized as drawn
+    assert torch.equal(x, normalize(images[order]))  # by the very same arithmetic
+    assert torch.equal(next(iter(BatchLoader(images, labels, 7)))[0], normalize(images[:7]))
     assert torch.equal(y, labels[order])
 
 

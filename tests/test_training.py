@@ -18,6 +18,7 @@ from mnistlab.data import BatchLoader, load_mnist
 from mnistlab.errors import MnistlabError
 from mnistlab.experiment import train_run
 from mnistlab.models import create_model
+from mnistlab.optim import FusedAdam
 from mnistlab.training import (
     FitState,
     build_optimizer,
@@ -93,7 +94,7 @@ def test_evaluate_matches_a_direct_computation(mnist):
     test = loader(mnist, 3000, batch=1000, shuffle=False, split=1)
     loss, acc = evaluate(model, test)
     with torch.no_grad():
-        logits = model(test.x)
+        logits = model(torch.cat([x for x, _ in test]))
     assert loss == pytest.approx(float(F.cross_entropy(logits, test.y)), rel=1e-5)
     assert acc == pytest.approx(100.0 * float((logits.argmax(1) == test.y).float().mean()))
     assert not model.training
@@ -142,10 +143,16 @@ def test_optimizers_are_built_with_their_options():
     def build(**kw):
         return build_optimizer(TrainConfig(**kw).validate(), params)
 
-    assert type(build(optimizer="adam")) is torch.optim.Adam
+    # Without a schedule, Adam and AdamW are mnistlab's FusedAdam (no torch.optim around the
+    # fused kernel); a schedule needs a torch.optim optimizer.
+    assert type(build(optimizer="adam")) is FusedAdam
     adamw = build(optimizer="adamw", lr=0.01, weight_decay=0.05)
-    assert type(adamw) is torch.optim.AdamW
+    assert type(adamw) is FusedAdam and adamw.param_groups[0]["decoupled_weight_decay"]
     assert adamw.param_groups[0]["weight_decay"] == 0.05 and adamw.param_groups[0]["lr"] == 0.01
+    assert type(build(optimizer="adam", schedule="cosine")) is torch.optim.Adam
+    adamw = build(optimizer="adamw", lr=0.01, weight_decay=0.05, schedule="onecycle")
+    assert type(adamw) is torch.optim.AdamW
+    assert adamw.param_groups[0]["weight_decay"] == 0.05 and adamw.param_groups[0]["fused"]
     sgd = build(optimizer="sgd", momentum=0.9, nesterov=True)
     assert type(sgd) is torch.optim.SGD
     assert sgd.param_groups[0]["momentum"] == 0.9 and sgd.param_groups[0]["nesterov"] is True
@@ -237,6 +244,8 @@ COMBOS = [
     {"optimizer": "sgd", "schedule": "step", "lr": 0.05, "momentum": 0.9, "nesterov": True},
     {"optimizer": "rmsprop", "schedule": "none", "lr": 0.0005, "momentum": 0.5,
      "label_smoothing": 0.1, "model": "mlp-dropout"},  # dropout: the RNG state must resume too
+    # FusedAdam and the written-out MLP step (the lab's default path), with smoothing.
+    {"optimizer": "adamw", "schedule": "none", "weight_decay": 0.01, "label_smoothing": 0.1},
 ]  # fmt: skip
 
 

@@ -51,6 +51,7 @@ class TrainConfig:
     autocast: str = "none"  # bf16: forward and backward in bfloat16 where safe (training only)
     channels_last: bool = False  # NHWC memory layout for the model: faster convolutions on CPU
     ema: float = 0.0  # decay of a moving average of the weights, evaluated and kept; 0: off
+    mlp_step: bool = True  # mlp, logreg: gradients by mnistlab.mlpstep's written-out backward
     model_args: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> TrainConfig:

@@ -180,10 +180,13 @@ def normalize(
     images: torch.Tensor, mean: float = MNIST.mean, std: float = MNIST.std
 ) -> torch.Tensor:
     """uint8 [N, 28, 28] → float32 [N, 1, 28, 28], scaled to [0, 1] then standardized."""
-    x = images.to(torch.float32)
-    # One fused affine map: (x/255 - mean)/std = x * a + b.
-    a, b = 1.0 / (255.0 * std), -mean / std
-    return x.mul_(a).add_(b).unsqueeze(1)
+    a, b = _affine(mean, std)
+    return images.to(torch.float32).mul_(a).add_(b).unsqueeze(1)
+
+
+def _affine(mean: float, std: float) -> tuple[float, float]:
+    """(a, b) with (x/255 - mean)/std = x * a + b: one multiply and one add per pixel."""
+    return 1.0 / (255.0 * std), -mean / std
 
 
 def split_indices(
@@ -226,9 +229,10 @@ def split_indices(
 class BatchLoader:
     """Batches from one in-memory tensor: `for x, y in loader` → float32 [B,1,28,28], int64 [B].
 
-    The data is normalized once, on construction, and lives on `device`. Each pass draws a fresh
-    permutation from (seed, epoch), so the order is reproducible and a resumed run can pick up the
-    same order with `set_epoch`.
+    uint8 images stay uint8 on `device` (a quarter of the memory, and no pass over all of them
+    up front); each batch is normalized as it is drawn, with the same arithmetic as `normalize`.
+    Float images are used as they are. Each pass draws a fresh permutation from (seed, epoch), so
+    the order is reproducible and a resumed run can pick up the same order with `set_epoch`.
     """
 
     def __init__(
@@ -247,8 +251,12 @@ class BatchLoader:
             raise DataError(f"batch size must be positive, got {batch_size}")
         if len(images) != len(labels):
             raise DataError(f"{len(images)} images but {len(labels)} labels")
-        x = normalize(images, mean, std) if images.dtype == torch.uint8 else images.float()
-        self.x = x.to(device).contiguous()
+        if images.dtype == torch.uint8:
+            self.x = images.unsqueeze(1).to(device).contiguous()  # [N, 1, 28, 28] uint8
+            self._affine: tuple[float, float] | None = _affine(mean, std)
+        else:
+            self.x = images.float().to(device).contiguous()
+            self._affine = None
         self.y = labels.to(device=device, dtype=torch.long)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -280,14 +288,20 @@ class BatchLoader:
         epoch, self.epoch = self.epoch, self.epoch + 1
         n, b = len(self.y), self.batch_size
         stop = n - n % b if self.drop_last else n
+        x, y = self.x, self.y
         if not self.shuffle:
             for i in range(0, stop, b):  # contiguous slices are views: no copy
-                yield self.x[i : i + b], self.y[i : i + b]
+                yield self._float(x[i : i + b]), y[i : i + b]
             return
-        perm = self.order(epoch).to(self.x.device)
+        perm = self.order(epoch).to(x.device)
         for i in range(0, stop, b):
             idx = perm[i : i + b]
-            yield self.x.index_select(0, idx), self.y.index_select(0, idx)
+            yield self._float(x.index_select(0, idx)), y.index_select(0, idx)
+
+    def _float(self, x: torch.Tensor) -> torch.Tensor:
+        if self._affine is None:
+            return x
+        return x.float().mul_(self._affine[0]).add_(self._affine[1])
 
 
 class MNISTDataset(torch.utils.data.Dataset):

@@ -64,6 +64,10 @@ class LogisticRegression(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.flatten(x))
 
+    def linear_stack(self) -> list[nn.Linear]:
+        """Flatten → Linear: trainable by `mnistlab.mlpstep` without autograd."""
+        return [self.linear]
+
 
 @register("mlp", "The lab's SimpleMNISTDNN: 784 → 128 → ReLU → 10.")
 class SimpleMNISTDNN(nn.Module):
@@ -76,6 +80,10 @@ class SimpleMNISTDNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.relu(self.fc1(self.flatten(x))))
+
+    def linear_stack(self) -> list[nn.Linear]:
+        """Flatten → Linear → ReLU → Linear: trainable by `mnistlab.mlpstep` without autograd."""
+        return [self.fc1, self.fc2]
 
 
 def _mlp_stack(batchnorm: bool, dropout: float) -> nn.Sequential:

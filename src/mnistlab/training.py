@@ -20,6 +20,8 @@ from torch import nn
 
 from .augment import make_augmentation
 from .config import TrainConfig
+from .mlpstep import MLPStep
+from .optim import FusedAdam
 
 Log = Callable[[str], None]
 # torch's own choice (physical cores, or $OMP_NUM_THREADS), before anyone lowers it.
@@ -119,13 +121,20 @@ def auto_threads(cfg: TrainConfig | None = None) -> int:
     return max(1, min(DEFAULT_THREADS, idle_cores()))
 
 
-def build_optimizer(cfg: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: TrainConfig, params: Iterable[nn.Parameter]
+) -> torch.optim.Optimizer | FusedAdam:
     params = list(params)
     # fused: the whole update in one pass over each parameter (CPU and CUDA kernels exist for
     # Adam, AdamW and SGD); foreach otherwise: one kernel per op over all parameters.
     fusable = cfg.optimizer in ("adam", "adamw", "sgd") and all(
         p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params
     )
+    if fusable and cfg.optimizer in ("adam", "adamw") and cfg.schedule == "none":
+        # torch's fused kernel without torch.optim around it (see mnistlab.optim): the same
+        # updates, minus a 1.2 s import and the per-step regrouping.
+        return FusedAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                         decoupled_weight_decay=cfg.optimizer == "adamw")
     common: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     common["fused" if fusable else "foreach"] = True
     if cfg.optimizer == "adam":
@@ -168,7 +177,7 @@ def _progress(loader, desc: str, enabled: bool):
 def train_epoch(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | FusedAdam,
     loss_fn: nn.Module,
     device: torch.device | str | None = None,
     *,
@@ -181,32 +190,39 @@ def train_epoch(
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     autocast: torch.dtype | None = None,
     ema: torch.optim.swa_utils.AveragedModel | None = None,
+    mlp_step: bool = True,
 ) -> tuple[float, float]:
     """One pass over `loader`; returns (mean loss, accuracy in %).
 
     Every `log_every` steps it logs the lab's line `Step 134/938 - Loss: 0.561 | Acc: 84.57%`
-    with the loss and accuracy over that interval.
+    with the loss and accuracy over that interval. With `mlp_step`, models that `MLPStep` can
+    train (plain MLPs under cross-entropy, no autocast) get their gradients without autograd.
     """
     model.train()
+    hand = MLPStep.for_model(model, loss_fn) if mlp_step and autocast is None else None
     steps = len(loader)  # type: ignore[arg-type]
     bar = _progress(loader, desc, progress)
     write = (bar.write if bar is not None else log) if log else None
     total_loss = total_correct = total_seen = 0.0
     int_loss = int_correct = int_seen = 0.0
+    device = torch.device(device) if device is not None else None
     for step, (x, y) in enumerate(loader, start=1):
-        if device is not None and x.device != torch.device(device):
+        if device is not None and x.device != device:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if transform is not None:
             x = transform(x)
-        optimizer.zero_grad(set_to_none=True)
-        if autocast is None:
-            logits = model(x)
-        else:  # low-precision forward; the loss and its gradient start in float32
-            with torch.autocast(x.device.type, dtype=autocast):
+        if hand is not None:  # overwrites every .grad: nothing to zero
+            loss, logits = hand(x, y)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            if autocast is None:
                 logits = model(x)
-            logits = logits.float()
-        loss = loss_fn(logits, y)
-        loss.backward()
+            else:  # low-precision forward; the loss and its gradient start in float32
+                with torch.autocast(x.device.type, dtype=autocast):
+                    logits = model(x)
+                logits = logits.float()
+            loss = loss_fn(logits, y)
+            loss.backward()
         if grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
@@ -297,7 +313,7 @@ class FitState:
 
 def fit(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | FusedAdam,
     train_loader: Any,
     test_loader: Any,
     cfg: TrainConfig,
@@ -356,6 +372,7 @@ def fit(
             transform=transform,
             autocast=autocast,
             ema=ema,
+            mlp_step=cfg.mlp_step,
         )
         if ema is not None:
             state.ema_state = ema.state_dict()

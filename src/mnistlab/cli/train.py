@@ -42,6 +42,8 @@ FIELD_HELP = {
     "autocast": "none, or bf16: train in bfloat16 where safe (evaluation stays float32).",
     "channels_last": "Channels-last (NHWC) memory layout: faster convolutions on CPU.",
     "ema": "Keep a moving average of the weights with this decay (e.g. 0.999); 0 is off.",
+    "mlp_step": "mlp and logreg: gradients from a written-out backward pass instead of autograd "
+    "(the same maths, faster). Default: on.",
 }
 SKIP = {"recipe", "model_args"}
 
