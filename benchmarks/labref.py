@@ -2,7 +2,7 @@
 
 What the lab does, without torchvision: a per-sample `Dataset` that builds a PIL image from the
 uint8 array, turns it into a float tensor scaled by 1/255 and normalizes it (torchvision's
-`ToTensor` + `Normalize`, reimplemented line for line), `DataLoader(batch_size=64,
+`ToTensor` + `Normalize`, doing per sample what torchvision 0.28's do), `DataLoader(batch_size=64,
 shuffle=True)` and a test `DataLoader(batch_size=1000)`, and the lab's own `train_epoch` /
 `evaluate` loops. It deliberately imports nothing from mnistlab.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import time
 from pathlib import Path
+from types import FunctionType
 
 import numpy as np
 import torch
@@ -47,27 +48,108 @@ def load_split(raw: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return out[0], out[1].long()
 
 
+def _log_api_usage_once(obj) -> None:
+    """torchvision calls this from every transform it runs (a no-op logger unless one is set)."""
+    name = obj.__name__ if isinstance(obj, FunctionType) else type(obj).__name__
+    torch._C._log_api_usage_once(f"torchvision.internal.{obj.__module__}.{name}")
+
+
+def to_tensor(pic: Image.Image) -> torch.Tensor:
+    """torchvision's `F.to_tensor` on a PIL image: HWC uint8 → CHW float in [0, 1]."""
+    if not torch.jit.is_scripting() and not torch.jit.is_tracing():
+        _log_api_usage_once(to_tensor)
+    if not isinstance(pic, (Image.Image, np.ndarray)):
+        raise TypeError(f"pic should be PIL Image or ndarray. Got {type(pic)}")
+    default_float_dtype = torch.get_default_dtype()
+    mode_to_nptype = {"I": np.int32, "I;16": np.int16, "F": np.float32}
+    img = torch.from_numpy(np.array(pic, mode_to_nptype.get(pic.mode, np.uint8), copy=True))
+    if pic.mode == "1":
+        img = 255 * img
+    img = img.view(pic.size[1], pic.size[0], len(pic.getbands()))
+    img = img.permute((2, 0, 1)).contiguous()
+    if isinstance(img, torch.ByteTensor):
+        return img.to(dtype=default_float_dtype).div(255)
+    return img
+
+
+def normalize(tensor: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """torchvision's `F.normalize` (not in place, its default): checks, clone, sub_, div_."""
+    if not torch.jit.is_scripting() and not torch.jit.is_tracing():
+        _log_api_usage_once(normalize)
+    if not isinstance(tensor, torch.Tensor) or tensor.ndim < 2:
+        raise TypeError("Tensor is not a torch image.")
+    if not tensor.is_floating_point():
+        raise TypeError(f"Input tensor should be a float tensor. Got {tensor.dtype}.")
+    if tensor.ndim < 3:
+        raise ValueError(f"Expected a tensor image of size (..., C, H, W), got {tensor.size()}")
+    tensor = tensor.clone()
+    mean_t = torch.as_tensor(mean, dtype=tensor.dtype, device=tensor.device)
+    std_t = torch.as_tensor(std, dtype=tensor.dtype, device=tensor.device)
+    if (std_t == 0).any():
+        raise ValueError("std evaluated to zero, leading to division by zero.")
+    if mean_t.ndim == 1:
+        mean_t = mean_t.view(-1, 1, 1)
+    if std_t.ndim == 1:
+        std_t = std_t.view(-1, 1, 1)
+    return tensor.sub_(mean_t).div_(std_t)
+
+
+class ToTensor:
+    def __init__(self) -> None:
+        _log_api_usage_once(self)
+
+    def __call__(self, pic: Image.Image) -> torch.Tensor:
+        return to_tensor(pic)
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        _log_api_usage_once(self)
+        self.mean, self.std = mean, std
+
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        return normalize(tensor, self.mean, self.std)
+
+
+class Compose:
+    def __init__(self, transforms: list) -> None:
+        _log_api_usage_once(self)
+        self.transforms = transforms
+
+    def __call__(self, img):
+        for t in self.transforms:
+            img = t(img)
+        return img
+
+
+def _image_from_array(obj: np.ndarray, mode: str) -> Image.Image:
+    """torchvision's `_Image_fromarray` for Pillow >= 11.3 (where `fromarray(mode=)` is
+    deprecated): the array's buffer read in the given mode."""
+    shape = obj.__array_interface__["shape"]
+    size = (1 if len(shape) == 1 else shape[1], shape[0])
+    return Image.frombuffer(mode, size, obj, "raw", mode, 0, 1)
+
+
 class LabMNIST(Dataset):
-    """torchvision's MNIST __getitem__ with transforms.Compose([ToTensor(), Normalize(...)])."""
+    """torchvision's `MNIST.__getitem__` with `Compose([ToTensor(), Normalize(...)])`.
+
+    The transforms do per sample what torchvision 0.28's do (argument checks, usage logging, a
+    PIL image, a copy to a tensor, a clone before normalizing), so the reference costs what the
+    lab's pipeline costs without importing torchvision.
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.data, self.targets = images, labels
-        self.mean = torch.as_tensor([MEAN]).view(-1, 1, 1)
-        self.std = torch.as_tensor([STD]).view(-1, 1, 1)
+        self.transform = Compose([ToTensor(), Normalize((MEAN,), (STD,))])
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         img, target = self.data[index], int(self.targets[index])
-        img = Image.fromarray(img.numpy(), mode="L")
-        # ToTensor: HWC uint8 array → CHW float in [0, 1].
-        x = torch.from_numpy(np.array(img, np.uint8, copy=True))
-        x = x.view(img.size[1], img.size[0], 1).permute((2, 0, 1)).contiguous()
-        x = x.to(dtype=torch.get_default_dtype()).div(255)
-        # Normalize (not in place, like torchvision's default).
-        x = x.sub(self.mean).div(self.std)
-        return x, target
+        img = _image_from_array(img.numpy(), mode="L")
+        return self.transform(img), target
 
 
 # The same classes mnistlab trains: the reference differs in its pipeline only.
