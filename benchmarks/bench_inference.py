@@ -1,9 +1,10 @@
 """Inference: images per second at batch 1, 64 and 1000, for `mlp` and the bundled model.
 
 Three paths do the same job — normalize 28×28 images in [0, 1], run the model, softmax, arg-max:
-mnistlab's API (`Predictor.predict_pixels`, which also validates the input and builds one
-Prediction per image), plain eager PyTorch on the same model (the reference), and onnxruntime
-on the same model exported with `torch.onnx.export`. All use the same number of CPU threads.
+mnistlab's API used the way a batch user would (`Predictor.predict_pixels(x).labels`, which also
+checks the input's shape and range and keeps a copy of it, building no per-image objects), plain
+eager PyTorch on the same model (the reference), and onnxruntime on the same model exported with
+`torch.onnx.export`. All use the same number of CPU threads.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def paths_for(model: torch.nn.Module, onnx_dir: Path, threads: int) -> dict:
         from mnistlab.predict import Predictor
 
         predictor = Predictor(model, {"name": "bench", "source": "bench", "parameters": 0})
-        paths["mnistlab"] = lambda x: [p.label for p in predictor.predict_pixels(x)]
+        paths["mnistlab"] = lambda x: predictor.predict_pixels(x).labels
     except ImportError:
         from mnistlab.training import predict_logits
 

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -160,6 +161,131 @@ def test_predictions_match_the_model_and_top_k_is_ordered(predictor, test_set):
 def test_predict_pixels_refuses_what_is_not_pixels(predictor, bad):
     with pytest.raises(MnistlabError):
         predictor.predict_pixels(bad)
+
+
+SHAPE_ERROR = "expected images of shape [N, 28, 28] or [28, 28], got {}"
+RANGE_ERROR = "pixel values must be finite and in [0, 1] (scale uint8 by 1/255)"
+
+
+def test_predictions_read_as_a_sequence(predictor, test_set):
+    x = test_set[0][:5].float() / 255
+    predictions = predictor.predict_pixels(x)
+    assert isinstance(predictions, Sequence) and len(predictions) == 5
+    assert all(isinstance(p, Prediction) for p in predictions)
+    assert predictions[-1] is predictions[4] and predictions[-5] is predictions[0]
+    assert [p.label for p in predictions] == predictions.labels.tolist()
+    middle = predictions[1:3]
+    assert isinstance(middle, list) and len(middle) == 2
+    assert middle[0] is predictions[1] and middle[1] is predictions[2]
+    assert next(reversed(predictions)) is predictions[4]
+    first, *rest = predictions
+    assert first is predictions[0] and len(rest) == 4
+    (one,) = predictor.predict_pixels(x[3])
+    assert one.label == predictions[3].label
+    for bad in (5, -6):
+        with pytest.raises(IndexError):
+            predictions[bad]
+    with pytest.raises(TypeError):
+        predictions[0] = predictions[1]  # read-only
+    predictions[2].path = "kept.png"  # a Prediction is built once and then kept
+    assert predictions[2].path == "kept.png" and predictions.paths == (None,) * 5
+    empty = predictor.predict_pixels(torch.empty(0, 28, 28))
+    assert len(empty) == 0 and list(empty) == [] and empty.probabilities.shape == (0, 10)
+
+
+@pytest.mark.parametrize("name", ["bundled", "mlp"])
+def test_batch_tensors_agree_with_the_items_and_with_eager_pytorch(predictor, test_set, name):
+    if name == "bundled":
+        model = predictor.model
+    else:
+        torch.manual_seed(0)
+        model = create_model("mlp")
+    used = Predictor(model, {"name": name, "source": "test", "parameters": 0})
+    x = test_set[0][:700].float() / 255  # more than one 512-image chunk
+    predictions = used.predict_pixels(x.unsqueeze(1))  # [N, 1, 28, 28] is accepted too
+    labels, probs = predictions.labels, predictions.probabilities
+    assert labels.dtype == torch.int64 and labels.shape == (700,)
+    assert probs.dtype == torch.float32 and probs.shape == (700, 10)
+    assert torch.equal(predictions.images, x)
+    with torch.inference_mode():
+        eager = torch.softmax(model(((x - 0.1307) / 0.3081).unsqueeze(1)), dim=1)
+    assert torch.equal(labels, eager.argmax(1))
+    assert (probs - eager).abs().max().item() < 1e-6
+    for i in (0, 511, 512, 699):
+        p = predictions[i]
+        assert p.label == int(labels[i])
+        assert p.probabilities == probs[i].tolist() and p.probability == p.probabilities[p.label]
+        assert torch.equal(p.image, x[i]) and p.path is None
+    if name == "bundled":
+        assert (labels == test_set[1][:700]).float().mean().item() > 0.98
+
+
+def test_paths_from_predict_survive(predictor, test_set, tmp_path):
+    images, labels = test_set
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"digit{i}.png")
+        files[-1].write_bytes(png_bytes(images[i].numpy()))
+    predictions = predictor.predict([files[0], files[1].read_bytes(), str(files[1])])
+    expected = (str(files[0]), None, str(files[1]))
+    assert predictions.paths == expected
+    assert [p.path for p in predictions] == list(expected)
+    assert [p.to_dict()["path"] for p in predictions] == list(expected)
+    assert predictions.labels.tolist() == [int(labels[0]), int(labels[1]), int(labels[1])]
+    assert predictor.predict(files[0])[0].path == str(files[0])
+    assert len(predictor.predict([])) == 0
+
+
+def _with(value: float, n: int = 600) -> torch.Tensor:
+    x = torch.rand(n, 28, 28)
+    x[-1, 27, 27] = value  # the very last pixel, in the second 512-image chunk
+    return x
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (_with(float("nan")), RANGE_ERROR),
+        (_with(float("inf")), RANGE_ERROR),
+        (_with(float("-inf")), RANGE_ERROR),
+        (_with(1.0001), RANGE_ERROR),
+        (_with(-1e-6), RANGE_ERROR),
+        (_with(float("nan"), 1)[0].double(), RANGE_ERROR),
+        (torch.full((2, 28, 28), 255, dtype=torch.uint8), RANGE_ERROR),
+        (torch.zeros(3, 32, 32), SHAPE_ERROR.format([3, 32, 32])),
+        (torch.zeros(32, 32), SHAPE_ERROR.format([1, 32, 32])),
+        (torch.zeros(784), SHAPE_ERROR.format([784])),
+        (torch.zeros(2, 3, 28, 28), SHAPE_ERROR.format([2, 3, 28, 28])),
+    ],
+    ids=["nan", "inf", "-inf", "over-1", "below-0", "float64-nan", "uint8-255", "32x32-batch",
+         "32x32", "flat", "3-channels"],
+)
+def test_predict_pixels_error_messages(predictor, bad, message):
+    with pytest.raises(MnistlabError) as raised:
+        predictor.predict_pixels(bad)
+    assert str(raised.value) == message
+
+
+def test_pixels_exactly_0_and_1_are_accepted(predictor):
+    x = torch.zeros(2, 28, 28)
+    x[1, 10:18, 12:16] = 1.0
+    assert len(predictor.predict_pixels(x)) == 2
+    assert len(predictor.predict_pixels(x.numpy().astype(np.float64))) == 2
+
+
+def test_changing_the_input_later_does_not_change_the_result(predictor, test_set):
+    x = test_set[0][:3].float() / 255
+    before = x.clone()
+    from_array = x.numpy().copy()  # torch.as_tensor shares a float32 array's memory
+    with_grad = x.clone().requires_grad_()
+    for source in (x, from_array, with_grad):
+        predictions = predictor.predict_pixels(source)
+        image = predictions[0].image
+        with torch.no_grad():
+            source[:] = 0.5
+        assert torch.equal(predictions.images, before)
+        assert torch.equal(image, before[0]) and torch.equal(predictions[1].image, before[1])
+        assert not predictions.probabilities.requires_grad
 
 
 def test_predict_raises_for_bad_images(predictor):
