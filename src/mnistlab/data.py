@@ -301,7 +301,7 @@ class BatchLoader:
     def _float(self, x: torch.Tensor) -> torch.Tensor:
         if self._affine is None:
             return x
-        return x.float().mul_(self._affine[0]).add_(self._affine[1])
+        return (x * self._affine[0]).add_(self._affine[1])  # uint8 * float → float32
 
 
 class MNISTDataset(torch.utils.data.Dataset):

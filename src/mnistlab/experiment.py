@@ -22,7 +22,7 @@ import torch
 from . import checkpoints as ck
 from . import runs
 from .config import TrainConfig
-from .data import BatchLoader, load_mnist, split_indices
+from .data import BatchLoader, load_mnist, normalize, split_indices
 from .errors import MnistlabError
 from .models import count_parameters, create_model
 from .training import (
@@ -54,10 +54,13 @@ def make_loaders(
     val = None
     if cfg.val_split:
         train_idx, val_idx = split_indices(labels, cfg.val_split, seed=cfg.seed)
-        val = BatchLoader(images[val_idx], labels[val_idx], cfg.eval_batch_size, device=device)
+        val = BatchLoader(normalize(images[val_idx]), labels[val_idx], cfg.eval_batch_size,
+                          device=device)  # fmt: skip
         images, labels = images[train_idx], labels[train_idx]
     train = BatchLoader(images, labels, cfg.batch_size, shuffle=True, seed=cfg.seed, device=device)
-    test = BatchLoader(test_images, test_labels, cfg.eval_batch_size, device=device)
+    # Evaluation sets are normalized once (they are read whole every epoch); the training set
+    # stays uint8 and is normalized batch by batch.
+    test = BatchLoader(normalize(test_images), test_labels, cfg.eval_batch_size, device=device)
     return Data(train, test, val)
 
 

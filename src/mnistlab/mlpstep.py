@@ -59,21 +59,21 @@ class MLPStep:
         eps = self.smoothing
         if eps:  # CrossEntropyLoss(label_smoothing=eps): eps of the target spread over classes
             loss = loss * (1 - eps) - log_probs.mean() * eps
-        # n * d loss / d logits = softmax - target; the 1/n goes into the products below.
+        # d loss / d logits = (softmax - target) / n
         grad = log_probs.exp_()
         if self._hit.shape[0] < n or self._hit.device != x.device:
             self._hit = torch.full((max(n, 64), 1), -(1 - eps), device=x.device)
         grad.scatter_add_(1, y.unsqueeze(1), self._hit[:n])
         if eps:
             grad.sub_(eps / self.classes)
+        grad.mul_(1 / n)
         for i in range(last, -1, -1):
             layer, a = self.layers[i], inputs[i]
             w, b = layer.weight, layer.bias
             if w.grad is None or w.grad.shape != w.shape or b.grad is None:
                 w.grad, b.grad = torch.empty_like(w), torch.empty_like(b)
-            # beta=0: the old gradient is ignored, not scaled (so no zero_grad is needed).
-            torch.addmm(w.grad, grad.t(), a, beta=0, alpha=1 / n, out=w.grad)
-            torch.mean(grad, 0, out=b.grad)
+            torch.mm(grad.t(), a, out=w.grad)  # overwritten: no zero_grad needed
+            torch.sum(grad, 0, out=b.grad)
             if i:  # through the ReLU whose output is `a`: one op where masking takes two
                 grad = torch.ops.aten.threshold_backward(torch.mm(grad, w), a, 0)
         return loss, logits
