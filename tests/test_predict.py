@@ -218,6 +218,11 @@ def test_batch_tensors_agree_with_the_items_and_with_eager_pytorch(predictor, te
         assert torch.equal(p.image, x[i]) and p.path is None
     if name == "bundled":
         assert (labels == test_set[1][:700]).float().mean().item() > 0.98
+    else:  # the mlp runs as its addmm chain: the module's own logits, to the bit
+        assert used._stack is not None
+        with torch.inference_mode():
+            z = torch.add(used._shift, x[:512], alpha=used._scale).unsqueeze(1)
+            assert torch.equal(used._mlp_logits(z), model(z))
 
 
 def test_paths_from_predict_survive(predictor, test_set, tmp_path):

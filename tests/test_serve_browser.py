@@ -331,7 +331,10 @@ def test_live_prediction_while_drawing_without_a_request_storm(page):
     # The page throttles to one request per 150 ms, one at a time, plus one when the pen lifts.
     assert 1 <= len(sent) <= stroke / 0.15 + 2, f"{len(sent)} requests in a {stroke:.2f} s stroke"
     # Spacing is measured where requests start, after the PNG encoding, so it wobbles a little.
-    assert np.median(gaps) >= 0.14 and gaps.min() > 0.05, gaps
+    # The last gap may end at the pen-lift request, which is sent at once (by design), so it can
+    # be short: the throttle is checked on the gaps inside the stroke.
+    stroke_gaps = gaps[:-1] if len(gaps) > 1 else gaps
+    assert np.median(gaps) >= 0.14 and stroke_gaps.min() > 0.05, gaps
     assert page.max_in_flight == 1
     assert page.label() == "1"
     page.assert_clean()
