@@ -26,17 +26,26 @@ def _twins(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
     return a, b
 
 
+@pytest.mark.parametrize("schedule", [False, True], ids=["constant", "onecycle"])
 @pytest.mark.parametrize("adamw", [False, True], ids=["adam", "adamw"])
-def test_updates_are_bit_identical_to_torch_fused_adam(adamw):
+def test_updates_are_bit_identical_to_torch_fused_adam(adamw, schedule):
     ours_model, torch_model = _twins()
     kw = {"lr": 0.003, "weight_decay": 0.01}
     ours = FusedAdam(ours_model.parameters(), decoupled_weight_decay=adamw, **kw)
     cls = torch.optim.AdamW if adamw else torch.optim.Adam
     theirs = cls(torch_model.parameters(), fused=True, **kw)
+    pairs = [(ours_model, ours, None), (torch_model, theirs, None)]
+    if schedule:  # torch's schedulers drive it: lr and beta1 move every step
+        pairs = [(m, o, torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.01, total_steps=25))
+                 for m, o, _ in pairs]  # fmt: skip
     for step in range(25):
-        for model, opt in ((ours_model, ours), (torch_model, theirs)):
+        for model, opt, sched in pairs:
             _grads(model, step)
             opt.step()
+            if sched is not None:
+                sched.step()
+    if schedule:
+        assert ours.param_groups[0]["betas"] == theirs.param_groups[0]["betas"] != (0.9, 0.999)
     for p, q in zip(ours_model.parameters(), torch_model.parameters(), strict=True):
         assert torch.equal(p, q)
     assert not torch.equal(ours_model.fc1.weight, _twins()[0].fc1.weight)  # it did move
@@ -95,20 +104,29 @@ def test_bad_construction_and_mismatched_state_are_refused():
     other = FusedAdam(create_model("mlp").parameters())
     with pytest.raises(ValueError, match="does not match"):
         opt.load_state_dict(other.state_dict())
+    amsgrad = torch.optim.Adam(create_model("logreg").parameters(), amsgrad=True)
+    with pytest.raises(ValueError, match="amsgrad"):
+        opt.load_state_dict(amsgrad.state_dict())
+    with pytest.raises(ValueError, match="closure"):
+        opt.step(lambda: 0.0)
+    with pytest.raises(NotImplementedError, match="hooks"):
+        opt.register_step_pre_hook(lambda *a: None)
 
 
-def test_a_lab_run_never_imports_torch_dynamo(data_root, tmp_path):
-    # Any torch.optim optimizer imports torch._dynamo (over a second); the lab recipe avoids it.
+@pytest.mark.parametrize("recipe", ["lab", "fast"])
+def test_adam_runs_never_import_torch_dynamo(data_root, tmp_path, recipe):
+    # Building a torch.optim optimizer imports torch._dynamo (1.2 s); Adam runs, with or without
+    # a schedule (fast: AdamW and one-cycle), avoid it.
     code = (
         "import sys\n"
-        "from mnistlab.config import TrainConfig\n"
+        "from mnistlab.config import resolve_config\n"
         "from mnistlab.experiment import train_run\n"
-        "s = train_run(TrainConfig(epochs=1, train_limit=640, threads=1), root=sys.argv[1],\n"
-        "              runs_dir=sys.argv[2], log=lambda line: None)\n"
-        "print(s['test_acc'] > 50, 'torch._dynamo' in sys.modules)\n"
+        "cfg = resolve_config(sys.argv[3], epochs=1, train_limit=640, threads=1)\n"
+        "s = train_run(cfg, root=sys.argv[1], runs_dir=sys.argv[2], log=lambda line: None)\n"
+        "print(s['test_acc'] > 20, 'torch._dynamo' in sys.modules)\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, str(data_root), str(tmp_path)],
+        [sys.executable, "-c", code, str(data_root), str(tmp_path), recipe],
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr

@@ -1,23 +1,30 @@
-"""Adam and AdamW as one call to torch's fused kernel, for runs that need nothing else.
+"""Adam and AdamW as one call to torch's fused kernel, without torch.optim's overheads.
 
 `torch.optim.Adam(fused=True)` runs the same kernel, but building any `torch.optim` optimizer
-imports `torch._dynamo` (1.2 s here, longer than the lab's whole training loop now takes), and
-its `step` regroups the tensors by device and dtype on every call (about 50 µs a step for the
-lab's MLP). `FusedAdam` keeps torch's state layout and `state_dict` format, so its checkpoints
-load into `torch.optim.Adam` and back, and its updates are bit-identical to torch's fused Adam.
-It has no LR-scheduler support (torch's schedulers require a `torch.optim.Optimizer`).
+imports `torch._dynamo` (1.2 s here, a third of the lab's whole run), and its `step` regroups
+the tensors by device and dtype on every call. `FusedAdam` keeps torch's state layout and
+`state_dict` format, so its checkpoints load into `torch.optim.Adam` and back, and its updates
+are bit-identical to torch's fused Adam. It is a `torch.optim.Optimizer`, so torch's LR
+schedulers drive it; optimizer step hooks are not supported.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
+_HOOKS = (
+    "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks",
+)
 
-class FusedAdam:
+
+class FusedAdam(torch.optim.Optimizer):
     """Adam (or, with `decoupled_weight_decay`, AdamW) over one group of CPU or CUDA params."""
 
     def __init__(
@@ -34,16 +41,27 @@ class FusedAdam:
             raise ValueError("FusedAdam got an empty parameter list")
         if any(p.device.type not in ("cpu", "cuda") or not p.is_floating_point() for p in params):
             raise ValueError("FusedAdam needs floating-point parameters on CPU or CUDA")
+        # Not Optimizer.__init__: its add_param_group is wrapped in torch._disable_dynamo, whose
+        # first call imports torch._dynamo. The attributes it would set are set here instead.
         # The keys and order of torch.optim.Adam's param group, so state dicts are interchangeable.
-        self.param_groups: list[dict[str, Any]] = [{
-            "params": params, "lr": lr, "betas": tuple(betas), "eps": eps,
-            "weight_decay": weight_decay, "amsgrad": False, "maximize": False, "foreach": None,
-            "capturable": False, "differentiable": False, "fused": True,
+        self.defaults: dict[str, Any] = {
+            "lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+            "amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
+            "differentiable": False, "fused": True,
             "decoupled_weight_decay": decoupled_weight_decay,
-        }]
-        self.state: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
+        }
+        self.param_groups: list[dict[str, Any]] = [{"params": params, **self.defaults}]
+        self.state: dict[nn.Parameter, dict[str, torch.Tensor]] = {}  # type: ignore[assignment]
+        for name in _HOOKS:
+            setattr(self, name, OrderedDict())
+        self._warned_capturable_if_run_uncaptured = True
         self._key: tuple[bool, ...] | None = None  # which params had gradients at the last step
         self._groups: list[tuple[Any, ...]] = []
+
+    def register_step_pre_hook(self, hook: Any) -> Any:
+        raise NotImplementedError("FusedAdam does not run optimizer step hooks")
+
+    register_step_post_hook = register_step_pre_hook
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -59,7 +77,7 @@ class FusedAdam:
             }
         return s
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:  # without torch's dynamo wrapper
         for p in self.params:
             if p.grad is None:
                 continue
@@ -69,8 +87,10 @@ class FusedAdam:
                 p.grad.zero_()
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
         """One update of every parameter that has a gradient (those without are skipped)."""
+        if closure is not None:
+            raise ValueError("FusedAdam.step takes no closure")
         key = tuple(p.grad is not None for p in self.params)
         if key != self._key:  # the tensor lists change only when that set does
             self._groups, self._key = self._build(), key
@@ -123,9 +143,13 @@ class FusedAdam:
             raise ValueError("optimizer state does not match the model's parameters")
         params = self.params
         saved = groups[0]
+        if saved.get("amsgrad") or saved.get("maximize"):
+            raise ValueError("FusedAdam has no amsgrad or maximize; this state needs torch's Adam")
         self._key = None
-        for key in ("lr", "betas", "eps", "weight_decay"):
-            self.param_groups[0][key] = tuple(saved[key]) if key == "betas" else saved[key]
+        # Every saved setting, as torch does: LR schedulers keep theirs (initial_lr, max_lr, the
+        # momentum range) in the group too.
+        group = {k: tuple(v) if k == "betas" else v for k, v in saved.items() if k != "params"}
+        self.param_groups[0] = {"params": params, **group}
         self.state = {}
         for i, s in state_dict["state"].items():
             p = params[int(i)]
