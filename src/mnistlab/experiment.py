@@ -99,7 +99,7 @@ def _started_threads(run_dir: Path) -> int | None:
 
 
 def _restore(
-    path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> FitState:
     """Load a resume checkpoint into the model, optimizer, scheduler and RNGs; its FitState."""
     saved = ck.load_torch(path)  # weights_only: a crafted file is refused here

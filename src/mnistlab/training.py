@@ -121,9 +121,7 @@ def auto_threads(cfg: TrainConfig | None = None) -> int:
     return max(1, min(DEFAULT_THREADS, idle_cores()))
 
 
-def build_optimizer(
-    cfg: TrainConfig, params: Iterable[nn.Parameter]
-) -> torch.optim.Optimizer | FusedAdam:
+def build_optimizer(cfg: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     params = list(params)
     # fused: the whole update in one pass over each parameter (CPU and CUDA kernels exist for
     # Adam, AdamW and SGD); foreach otherwise: one kernel per op over all parameters.
@@ -177,7 +175,7 @@ def _progress(loader, desc: str, enabled: bool):
 def train_epoch(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    optimizer: torch.optim.Optimizer | FusedAdam,
+    optimizer: torch.optim.Optimizer,
     loss_fn: nn.Module,
     device: torch.device | str | None = None,
     *,
@@ -313,7 +311,7 @@ class FitState:
 
 def fit(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | FusedAdam,
+    optimizer: torch.optim.Optimizer,
     train_loader: Any,
     test_loader: Any,
     cfg: TrainConfig,
