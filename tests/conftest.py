@@ -1,4 +1,5 @@
-"""Shared fixtures: the real MNIST root (read-only), an isolated decode cache, a CLI runner."""
+"""Shared fixtures: the real MNIST root (read-only), an isolated decode cache, CLI runners, one
+thread for a test module."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -121,6 +123,35 @@ def run_cli():
             env=full_env,
             timeout=timeout,
             cwd=cwd,
+        )
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One CPU thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    deterministic reductions, and no fight over the shared cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cli(capsys):
+    """`mnistlab ARGS...` in this process (no start-up cost): returncode, stdout, stderr."""
+    from mnistlab.cli import main
+
+    def run(*args: object) -> SimpleNamespace:
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        code = exit_info.value.code
+        return SimpleNamespace(
+            returncode=code if isinstance(code, int) else int(bool(code)), stdout=out, stderr=err
         )
 
     return run

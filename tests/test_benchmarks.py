@@ -20,13 +20,7 @@ import run_all  # noqa: E402
 from mnistlab.data import BatchLoader, load_mnist  # noqa: E402
 from mnistlab.models import create_model  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

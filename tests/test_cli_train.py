@@ -24,12 +24,7 @@ from mnistlab.errors import MnistlabError
 QUICK = ["--threads", "1", "--device", "cpu", "--no-report"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -7,13 +7,11 @@ import json
 import re
 import shlex
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from mnistlab.cli import main
 from mnistlab.config import TrainConfig, resolve_config
 from mnistlab.data import load_mnist
 from mnistlab.experiment import train_run
@@ -28,22 +26,6 @@ def tiny_run(tmp_path_factory, data_root) -> Path:
     cfg = resolve_config("lab", epochs=1, train_limit=3000, val_split=0.2, lr=0.002)
     train_run(cfg, root=data_root, runs_dir=runs, name="tiny", log=lambda _: None)
     return runs / "tiny"
-
-
-@pytest.fixture
-def cli(capsys):
-    """`mnistlab ARGS...` in this process (no start-up cost): returncode, stdout, stderr."""
-
-    def run(*args: object) -> SimpleNamespace:
-        with pytest.raises(SystemExit) as exit_info:
-            main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        code = exit_info.value.code
-        return SimpleNamespace(
-            returncode=code if isinstance(code, int) else int(bool(code)), stdout=out, stderr=err
-        )
-
-    return run
 
 
 def test_onnx_round_trip_of_the_bundled_model(cli, tmp_path, data_root):

@@ -12,13 +12,7 @@ from mnistlab.models import create_model
 from mnistlab.optim import FusedAdam
 from mnistlab.training import evaluate, train_epoch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", ["mlp", "logreg"])

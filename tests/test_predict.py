@@ -14,7 +14,6 @@ import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +21,6 @@ import torch
 from PIL import Image
 
 from mnistlab.checkpoints import save_safetensors, save_torch
-from mnistlab.cli import main
 from mnistlab.config import TrainConfig
 from mnistlab.data import BatchLoader, load_mnist
 from mnistlab.errors import MnistlabError
@@ -50,22 +48,6 @@ def tiny_run(tmp_path_factory, data_root) -> Path:
     cfg = TrainConfig(model="logreg", optimizer="sgd", lr=0.1, epochs=1, train_limit=3000)
     train_run(cfg, root=data_root, runs_dir=runs, name="tiny", log=lambda _: None)
     return runs / "tiny"
-
-
-@pytest.fixture
-def cli(capsys):
-    """`mnistlab ARGS...` in this process (no start-up cost): returncode, stdout, stderr."""
-
-    def run(*args: object) -> SimpleNamespace:
-        with pytest.raises(SystemExit) as exit_info:
-            main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        code = exit_info.value.code
-        return SimpleNamespace(
-            returncode=code if isinstance(code, int) else int(bool(code)), stdout=out, stderr=err
-        )
-
-    return run
 
 
 def png_bytes(digit: np.ndarray, scale: int = 4, invert: bool = True) -> bytes:

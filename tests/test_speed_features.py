@@ -18,13 +18,7 @@ from mnistlab.experiment import train_run
 from mnistlab.models import create_model
 from mnistlab.training import auto_threads, build_optimizer, evaluate, idle_cores, train_epoch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

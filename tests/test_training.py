@@ -32,13 +32,7 @@ from mnistlab.training import (
 STEP_LINE = re.compile(r"^Step (\d+)/(\d+) - Loss: (\d+\.\d{3}) \| Acc: (\d+\.\d{2})%$")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One CPU thread: deterministic reductions, and no fight over the shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
