@@ -25,6 +25,7 @@ from mnistlab.config import TrainConfig
 from mnistlab.data import BatchLoader, load_mnist
 from mnistlab.errors import MnistlabError
 from mnistlab.experiment import train_run
+from mnistlab.mlpstep import forward_stack
 from mnistlab.models import create_model
 from mnistlab.predict import Prediction, Predictor, bundled_weights, read_card
 from mnistlab.preprocess import ImageError, NoInkError
@@ -204,7 +205,7 @@ def test_batch_tensors_agree_with_the_items_and_with_eager_pytorch(predictor, te
         assert used._stack is not None
         with torch.inference_mode():
             z = torch.add(used._shift, x[:512], alpha=used._scale).unsqueeze(1)
-            assert torch.equal(used._mlp_logits(z), model(z))
+            assert torch.equal(forward_stack(used._stack, z)[-1], model(z))
 
 
 def test_paths_from_predict_survive(predictor, test_set, tmp_path):

@@ -19,13 +19,32 @@ def linear_stack(model: nn.Module) -> list[nn.Linear] | None:
     return list(stack()) if callable(stack) else None
 
 
+Params = list[tuple[torch.Tensor, torch.Tensor]]  # (weight, bias) per Linear layer
+
+
+def stack_params(layers: list[nn.Linear]) -> Params:
+    """The (weight, bias) of each layer, read once: module attribute lookups cost on a hot path."""
+    if not layers or any(not isinstance(m, nn.Linear) or m.bias is None for m in layers):
+        raise ValueError("a linear stack needs Linear layers with biases")
+    return [(m.weight, m.bias) for m in layers]
+
+
+def forward_stack(params: Params, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer's input, then the logits: what `nn.Linear` and `nn.ReLU` compute, to the bit,
+    without the module calls."""
+    acts = [x.reshape(x.shape[0], -1)]
+    last = len(params) - 1
+    for i, (w, b) in enumerate(params):
+        z = torch.addmm(b, acts[-1], w.t())
+        acts.append(z.relu_() if i < last else z)
+    return acts
+
+
 class MLPStep:
     """Forward, cross-entropy (optionally label-smoothed) and backward for a linear stack."""
 
     def __init__(self, layers: list[nn.Linear], label_smoothing: float = 0.0) -> None:
-        if not layers or any(not isinstance(m, nn.Linear) or m.bias is None for m in layers):
-            raise ValueError("MLPStep needs Linear layers with biases")
-        self.layers = layers
+        self.params = stack_params(layers)
         self.smoothing = float(label_smoothing)
         self.classes = layers[-1].out_features
         self._hit = torch.empty(0)  # -(1 - smoothing) per row, scattered onto the true class
@@ -48,11 +67,7 @@ class MLPStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss, logits) of the batch; the gradients are left in the parameters' `.grad`."""
         n = x.shape[0]
-        inputs = [x.reshape(n, -1)]  # each layer's input
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            z = torch.addmm(layer.bias, inputs[-1], layer.weight.t())
-            inputs.append(z.relu_() if i < last else z)
+        inputs = forward_stack(self.params, x)  # each layer's input, then the logits
         logits = inputs.pop()
         log_probs = torch.log_softmax(logits, 1)
         loss = nn.functional.nll_loss(log_probs, y)
@@ -67,9 +82,8 @@ class MLPStep:
         if eps:
             grad.sub_(eps / self.classes)
         grad.mul_(1 / n)
-        for i in range(last, -1, -1):
-            layer, a = self.layers[i], inputs[i]
-            w, b = layer.weight, layer.bias
+        for i in range(len(self.params) - 1, -1, -1):
+            (w, b), a = self.params[i], inputs[i]
             if w.grad is None or w.grad.shape != w.shape or b.grad is None:
                 w.grad, b.grad = torch.empty_like(w), torch.empty_like(b)
             torch.mm(grad.t(), a, out=w.grad)  # overwritten: no zero_grad needed

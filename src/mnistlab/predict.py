@@ -21,7 +21,7 @@ from torch import nn
 from .catalog import MNIST
 from .checkpoints import load_model
 from .errors import MnistlabError
-from .mlpstep import linear_stack
+from .mlpstep import forward_stack, linear_stack, stack_params
 from .models import count_parameters
 from .preprocess import ImageSource, open_image, to_mnist
 
@@ -178,9 +178,7 @@ class Predictor:
         # the module calls, which at batch 1 cost a third of the `mlp`'s time.
         stack = linear_stack(self.model)
         self._stack = (
-            [(m.weight, m.bias) for m in stack]
-            if stack and all(m.bias is not None for m in stack)
-            else None
+            stack_params(stack) if stack and all(m.bias is not None for m in stack) else None
         )
 
     # -- construction ------------------------------------------------------------------------
@@ -305,19 +303,10 @@ class Predictor:
         z = torch.add(self._shift, batch, alpha=self._scale).unsqueeze(1)  # (x - mean) / std
         if not self._on_cpu:
             z = z.to(self.device)
-        logits = self.model(z) if self._stack is None else self._mlp_logits(z)
+        logits = self.model(z) if self._stack is None else forward_stack(self._stack, z)[-1]
         if logits.dtype != torch.float32:
             logits = logits.float()
         return torch.softmax(logits, dim=1) if self._on_cpu else torch.softmax(logits, 1).cpu()
-
-    def _mlp_logits(self, z: torch.Tensor) -> torch.Tensor:
-        a = z.reshape(len(z), -1)
-        last = len(self._stack) - 1
-        for i, (w, b) in enumerate(self._stack):
-            a = torch.addmm(b, a, w.t())
-            if i < last:
-                a = a.relu_()
-        return a
 
     def __repr__(self) -> str:
         i = self._info
