@@ -91,10 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{bu.fmt_stats(sec_s, digits=0)} a run")
     print(f"error rate {error_ratio:.1f}x lower; mean ≥ {TARGET_MEAN}%: {met_acc}; every run ≤ "
           f"{TARGET_SECONDS // 60} min: {met_time}")
-    result = {
-        "name": "best",
-        "hardware": hw,
-        "quick": a.quick,
+    figures = {
         "reference": {"test_acc": ref_acc, "recipe": "advanced"},
         "mnistlab": {
             "test_acc": acc_s,
@@ -107,13 +104,11 @@ def main(argv: list[str] | None = None) -> dict:
         "met_acc": met_acc,
         "met_time": met_time,
         "met": met_acc and met_time,
-        "command": "python benchmarks/bench_best.py"
-        + (f" --threads {a.threads}" if a.threads else "")
-        + (f" --runs-from {a.runs_from}" if a.runs_from else ""),
     }
-    if not a.quick and not a.no_save:
-        bu.save_result("best", result)
-    return result
+    flags = (f" --threads {a.threads}" if a.threads else "") + (
+        f" --runs-from {a.runs_from}" if a.runs_from else ""
+    )
+    return bu.finish("best", hw, a, figures, flags)
 
 
 if __name__ == "__main__":

@@ -69,10 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"fast:      {bu.fmt_stats(our_s)}, acc {accs} (min {min(accs):.2f}%)")
     print(f"ratio {ratio:.1f}x; every seed ≥ {TARGET_ACC}%: {met_acc}; median ≤ {TARGET_SECONDS}s: "
           f"{met_time}; {'met' if met else 'MISSED'}")
-    result = {
-        "name": "fast",
-        "hardware": hw,
-        "quick": a.quick,
+    figures = {
         "reference": {
             "seconds": ref_s,
             "epochs": [r["epochs"] for r in refs],
@@ -85,11 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
         "met_acc": met_acc,
         "met_time": met_time,
         "met": met,
-        "command": "python benchmarks/bench_fast.py",
     }
-    if not a.quick and not a.no_save:
-        bu.save_result("fast", result)
-    return result
+    return bu.finish("fast", hw, a, figures)
 
 
 if __name__ == "__main__":

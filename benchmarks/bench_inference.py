@@ -139,17 +139,11 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.append(row)
                 cells = ", ".join(f"{k} {row[k]:,.0f}/s" for k in paths)
                 print(f"{name:8s} batch {batch:5d}: {cells} (labels agree: {agree})", flush=True)
-    result = {
-        "name": "inference",
-        "hardware": hw,
-        "quick": a.quick,
+    figures = {
         "threads": a.threads,
         "rows": rows,
-        "command": "python benchmarks/bench_inference.py",
     }
-    if not a.quick and not a.no_save:
-        bu.save_result("inference", result)
-    return result
+    return bu.finish("inference", hw, a, figures)
 
 
 if __name__ == "__main__":

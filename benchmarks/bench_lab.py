@@ -59,20 +59,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"mnistlab:  {bu.fmt_stats(our_s)}, acc {accs}")
     print(f"ratio {ratio:.1f}x (target ≥ {TARGET_RATIO:.0f}x, accuracy in {ACC_BAND}): "
           f"{'met' if met else 'MISSED'}")
-    result = {
-        "name": "lab",
-        "hardware": hw,
-        "quick": a.quick,
+    figures = {
         "reference": {"seconds": ref_s, "test_acc": [r["test_acc"] for r in refs],
                       "threads": refs[-1]["threads"]},
         "mnistlab": {"seconds": our_s, "test_acc": accs, "threads": ours[-1].get("threads")},
         "ratio": ratio,
         "met": met,
-        "command": "python benchmarks/bench_lab.py",
     }
-    if not a.quick and not a.no_save:
-        bu.save_result("lab", result)
-    return result
+    return bu.finish("lab", hw, a, figures)
 
 
 if __name__ == "__main__":

@@ -47,19 +47,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"reference: {bu.fmt_stats(ref_s, ' MiB', 0)}")
     print(f"mnistlab:  {bu.fmt_stats(our_s, ' MiB', 0)}; ≤ {TARGET_MIB:.0f} MiB: "
           f"{'met' if met else 'MISSED'}")
-    result = {
-        "name": "memory",
-        "hardware": hw,
-        "quick": a.quick,
+    figures = {
         "reference": {"peak_rss_mib": ref_s},
         "mnistlab": {"peak_rss_mib": our_s},
         "ratio": ref_s["median"] / our_s["median"],
         "met": met,
-        "command": "python benchmarks/bench_memory.py",
     }
-    if not a.quick and not a.no_save:
-        bu.save_result("memory", result)
-    return result
+    return bu.finish("memory", hw, a, figures)
 
 
 if __name__ == "__main__":

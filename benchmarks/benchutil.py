@@ -174,6 +174,18 @@ def labref_cmd(*args: str) -> list[str]:
     return [sys.executable, str(HERE / "labref.py"), *args]
 
 
+def finish(name: str, hw: dict, args, figures: dict, flags: str = "") -> dict:
+    """A benchmark's result: its name, hardware, figures and command, saved to results/<name>.json
+    unless it was a smoke run (`args.quick`) or `args.no_save`."""
+    result = {
+        "name": name, "hardware": hw, "quick": args.quick, **figures,
+        "command": f"python benchmarks/bench_{name}.py{flags}",
+    }
+    if not args.quick and not args.no_save:
+        save_result(name, result)
+    return result
+
+
 def save_result(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
