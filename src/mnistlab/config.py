@@ -1,13 +1,18 @@
 """Training configuration: one dataclass whose defaults are the lab's recipe, plus named recipes.
 
-Precedence: dataclass defaults < recipe < explicit flags. The resolved config is saved with a run.
+Precedence: dataclass defaults < recipe < config file (`--config`) < explicit flags. The resolved
+config is saved with a run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import MnistlabError
@@ -52,6 +57,7 @@ class TrainConfig:
     channels_last: bool = False  # NHWC memory layout for the model: faster convolutions on CPU
     ema: float = 0.0  # decay of a moving average of the weights, evaluated and kept; 0: off
     mlp_step: bool = True  # mlp, logreg: gradients by mnistlab.mlpstep's written-out backward
+    eval_test: bool = True  # test set after every epoch; off in sweeps (they choose on validation)
     model_args: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> TrainConfig:
@@ -200,10 +206,81 @@ register_recipe(
 )
 
 
-def resolve_config(recipe: str = "lab", **flags: Any) -> TrainConfig:
-    """Defaults, then the recipe's values, then every flag that is not None."""
+def resolve_config(
+    recipe: str | None = None,
+    *,
+    config: Mapping[str, Any] | None = None,
+    model_args: Mapping[str, Any] | None = None,
+    **flags: Any,
+) -> TrainConfig:
+    """Defaults, then the recipe's values, then `config` (a config file's keys), then every flag
+    that is not None. `model_args` are merged key by key over those of the recipe and the file.
+
+    The recipe is `recipe`, else the file's "recipe", else the lab's.
+    """
+    config = dict(config or {})
+    recipe = recipe or config.get("recipe") or "lab"
     if recipe not in RECIPES:
         raise MnistlabError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
-    values: dict[str, Any] = {"recipe": recipe, **RECIPES[recipe].overrides}
+    values: dict[str, Any] = {**RECIPES[recipe].overrides, **config, "recipe": recipe}
     values.update({k: v for k, v in flags.items() if v is not None})
+    if model_args:
+        values["model_args"] = {**(values.get("model_args") or {}), **model_args}
     return TrainConfig.from_dict(values).validate()
+
+
+CONFIG_SUFFIXES = (".toml", ".json")
+
+
+def toml_module() -> Any:
+    """The standard library's TOML reader (Python 3.11+), or its backport `tomli` on 3.10."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The TrainConfig keys of a TOML or JSON file (`mnistlab train --config FILE`), checked for
+    unknown keys; `mnistlab sweep best` writes such a file."""
+    tomllib = toml_module()
+    path = Path(path)
+    if path.suffix not in CONFIG_SUFFIXES:
+        raise MnistlabError(f"--config {path}: give a .toml or .json file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MnistlabError(f"--config {path}: cannot read it ({getattr(e, 'strerror', None) or e})"
+                            ) from None
+    try:
+        values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise MnistlabError(f"--config {path}: not valid {path.suffix[1:].upper()} ({e})") from None
+    if not isinstance(values, dict):
+        raise MnistlabError(f"--config {path}: expected an object of TrainConfig keys")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise MnistlabError(
+            f"--config {path}: unknown key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}; the keys are TrainConfig's: "
+            f"{', '.join(sorted(names))}"
+        )
+    return values
+
+
+def parse_model_args(items: Iterable[str]) -> dict[str, Any]:
+    """`--model-arg KEY=VALUE` pairs: the value is read as JSON (256, 0.3, true, [16, 32, 64])
+    where it parses, else kept as a string."""
+    args: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise MnistlabError(f"--model-arg {item!r}: write it as KEY=VALUE, e.g. hidden=256")
+        try:
+            args[key] = json.loads(text)
+        except json.JSONDecodeError:
+            args[key] = text
+    return args

@@ -233,6 +233,12 @@ class BatchLoader:
     up front); each batch is normalized as it is drawn, with the same arithmetic as `normalize`.
     Float images are used as they are. Each pass draws a fresh permutation from (seed, epoch), so
     the order is reproducible and a resumed run can pick up the same order with `set_epoch`.
+
+    With `world` > 1 (one loader per process of a distributed run, `rank` its index), a shuffled
+    loader yields this rank's share of every batch of the epoch's permutation, so the batch that
+    all ranks take together is the one a single process would (a final batch with fewer samples
+    than ranks is dropped); `share` is this rank's fraction of the batch last drawn. An unshuffled
+    (evaluation) loader yields every `world`-th batch instead.
     """
 
     def __init__(
@@ -246,9 +252,13 @@ class BatchLoader:
         device: str | torch.device = "cpu",
         mean: float = MNIST.mean,
         std: float = MNIST.std,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         if batch_size <= 0:
             raise DataError(f"batch size must be positive, got {batch_size}")
+        if not 0 <= rank < world:
+            raise DataError(f"rank must be in [0, {world}), got {rank}")
         if len(images) != len(labels):
             raise DataError(f"{len(images)} images but {len(labels)} labels")
         if images.dtype == torch.uint8:
@@ -263,10 +273,22 @@ class BatchLoader:
         self.seed = seed
         self.drop_last = drop_last
         self.epoch = 0
+        self.rank, self.world = rank, world
+        self.share = 1.0
+
+    def _stop(self) -> int:
+        """How many samples of a pass are drawn."""
+        n, b = len(self.y), self.batch_size
+        stop = n - n % b if self.drop_last else n
+        if self.world > 1 and self.shuffle and 0 < stop % b < self.world:
+            stop -= stop % b  # a last batch that cannot give every rank a sample
+        return stop
 
     def __len__(self) -> int:
-        n, b = len(self.y), self.batch_size
-        return n // b if self.drop_last else -(-n // b)
+        batches = -(-self._stop() // self.batch_size)
+        if self.world > 1 and not self.shuffle:
+            return len(range(self.rank, batches, self.world))
+        return batches
 
     @property
     def num_samples(self) -> int:
@@ -286,16 +308,19 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, self.epoch = self.epoch, self.epoch + 1
-        n, b = len(self.y), self.batch_size
-        stop = n - n % b if self.drop_last else n
+        b, stop, world = self.batch_size, self._stop(), self.world
         x, y = self.x, self.y
         if not self.shuffle:
-            for i in range(0, stop, b):  # contiguous slices are views: no copy
+            for i in range(self.rank * b, stop, b * world):  # contiguous slices: views, no copy
                 yield self._float(x[i : i + b]), y[i : i + b]
             return
         perm = self.order(epoch).to(x.device)
         for i in range(0, stop, b):
             idx = perm[i : i + b]
+            if world > 1:
+                mine = idx[self.rank :: world]
+                self.share = len(mine) / len(idx)
+                idx = mine
             yield self._float(x.index_select(0, idx)), y.index_select(0, idx)
 
     def _float(self, x: torch.Tensor) -> torch.Tensor:

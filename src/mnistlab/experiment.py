@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from . import checkpoints as ck
-from . import runs
+from . import distributed, runs
 from .config import TrainConfig
 from .data import BatchLoader, load_mnist, normalize, split_indices
 from .errors import MnistlabError
@@ -39,28 +39,46 @@ from .training import (
 @dataclasses.dataclass
 class Data:
     train: BatchLoader
-    test: BatchLoader
+    test: BatchLoader | None  # None when the config keeps the test set out (eval_test off)
     val: BatchLoader | None
 
 
 def make_loaders(
-    cfg: TrainConfig, root: str | os.PathLike[str] | None, device: torch.device
+    cfg: TrainConfig,
+    root: str | os.PathLike[str] | None,
+    device: torch.device,
+    group: distributed.Group | None = None,
 ) -> Data:
-    """The lab's loaders: shuffled training batches, a seeded validation split if asked for."""
+    """The lab's loaders: shuffled training batches, a seeded validation split if asked for.
+
+    In a distributed run each rank's loaders hand it its share, and the first rank on each
+    machine verifies (downloads, caches) the files while the others wait, then read its cache.
+    """
+    first = group is None or group.local_rank == 0
+    if not first:
+        group.barrier()  # type: ignore[union-attr]
     images, labels = load_mnist(root, "train", download=True)
-    test_images, test_labels = load_mnist(root, "test", download=True)
+    test_images, test_labels = load_mnist(root, "test", download=True) if cfg.eval_test else (
+        None, None)
+    if first and group is not None:
+        group.barrier()
+    shard = {"rank": group.rank, "world": group.world} if group is not None else {}
     if cfg.train_limit:
         images, labels = images[: cfg.train_limit], labels[: cfg.train_limit]
     val = None
     if cfg.val_split:
         train_idx, val_idx = split_indices(labels, cfg.val_split, seed=cfg.seed)
         val = BatchLoader(normalize(images[val_idx]), labels[val_idx], cfg.eval_batch_size,
-                          device=device)  # fmt: skip
+                          device=device, **shard)  # fmt: skip
         images, labels = images[train_idx], labels[train_idx]
-    train = BatchLoader(images, labels, cfg.batch_size, shuffle=True, seed=cfg.seed, device=device)
+    train = BatchLoader(images, labels, cfg.batch_size, shuffle=True, seed=cfg.seed, device=device,
+                        **shard)  # fmt: skip
     # Evaluation sets are normalized once (they are read whole every epoch); the training set
     # stays uint8 and is normalized batch by batch.
-    test = BatchLoader(normalize(test_images), test_labels, cfg.eval_batch_size, device=device)
+    test = None
+    if test_images is not None:
+        test = BatchLoader(normalize(test_images), test_labels, cfg.eval_batch_size, device=device,
+                           **shard)  # fmt: skip
     return Data(train, test, val)
 
 
@@ -99,7 +117,11 @@ def _started_threads(run_dir: Path) -> int | None:
 
 
 def _restore(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    group: distributed.Group | None = None,
 ) -> FitState:
     """Load a resume checkpoint into the model, optimizer, scheduler and RNGs; its FitState."""
     saved = ck.load_torch(path)  # weights_only: a crafted file is refused here
@@ -109,6 +131,9 @@ def _restore(
         if scheduler is not None:
             scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
+        ranks = saved.get("rng_ranks") or []
+        if group is not None and len(ranks) == group.world:  # each rank's own dropout stream
+            torch.set_rng_state(ranks[group.rank])
         if saved.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
         return FitState(**saved["state"], best_state=saved.get("best"))
@@ -129,13 +154,51 @@ def train_run(
     log: Callable[[str], None] = print,
     progress: bool = False,
     started: float | None = None,
+    on_epoch: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) a run and return its summary.
 
     Resuming takes the run's saved config; `resume_check` holds settings the caller asked for,
     which must match it. `started` is the perf_counter reading when the command's work began.
+    `on_epoch` sees each epoch's record before it is saved; a reason it returns (e.g. "pruned")
+    stops the run there, complete, with that reason in its summary.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 alone logs and writes.
     """
     started = time.perf_counter() if started is None else started
+    group = distributed.start(cfg.device if cfg is not None else "auto")
+    try:
+        return _train(cfg, group, root=root, runs_dir=runs_dir, name=name, resume=resume,
+                      resume_check=resume_check, log=log, progress=progress, started=started,
+                      on_epoch=on_epoch)  # fmt: skip
+    finally:
+        distributed.stop(group)
+
+
+def _resume_hint(run_dir: Path, group: distributed.Group | None) -> str:
+    if group is None:
+        return f"mnistlab train --resume {run_dir}"
+    return (f"mnistlab train --resume {run_dir} --nproc {group.world} (or the same torchrun "
+            f"command with --resume {run_dir})")
+
+
+def _train(
+    cfg: TrainConfig | None,
+    group: distributed.Group | None,
+    *,
+    root: str | os.PathLike[str] | None,
+    runs_dir: str | os.PathLike[str],
+    name: str | None,
+    resume: str | os.PathLike[str] | None,
+    resume_check: dict[str, Any] | None,
+    log: Callable[[str], None],
+    progress: bool,
+    started: float,
+    on_epoch: Callable[[dict[str, Any]], str | None] | None,
+) -> dict[str, Any]:
+    main = group is None or group.main
+    if not main:
+        log, progress = (lambda line: None), False
     if resume is not None:
         if name is not None:
             raise MnistlabError("--name names a new run; --resume continues one: use only one")
@@ -147,18 +210,33 @@ def train_run(
     # 0: one thread per idle core (a thread on a busy core stalls every op; see auto_threads).
     # A resumed run keeps the count it started with: CPU results depend on it, to the last bit.
     threads = cfg.threads or (resume is not None and _started_threads(run_dir)) or auto_threads(cfg)
+    if group is not None and not cfg.threads:  # the machine's cores are shared by its ranks
+        threads = max(1, threads // group.local_world)
     torch.set_num_threads(threads)
-    device = select_device(cfg.device)
-    log(f"Using device: {device}")
+    if group is not None and group.backend == "nccl":
+        device = torch.device("cuda", group.local_rank)
+    else:
+        device = select_device(cfg.device)
+    log(f"Using device: {device}" + (f" ({group.world} processes, {group.backend})"
+                                     if group is not None else ""))  # fmt: skip
 
-    data = make_loaders(cfg, root, device)
+    data = make_loaders(cfg, root, device, group)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, **cfg.model_args).to(device)
     optimizer = build_optimizer(cfg, model.parameters())
     scheduler = build_scheduler(cfg, optimizer, len(data.train))
     state = FitState()
+    train_model: torch.nn.Module = model
+    reduce = None
+    if group is not None:
+        train_model = distributed.wrap(model, group, data.train)
+        reduce = group.all_sum
+        if group.rank:  # dropout and augmentation draw differently on each rank
+            torch.manual_seed(cfg.seed + 1_000_003 * group.rank)
 
-    if run_dir is None:
+    if run_dir is None and not main:
+        pass  # rank 0 makes the run folder
+    elif run_dir is None:
         run_dir = runs.create_run_dir(runs_dir, name)
         try:
             runs.write_json(run_dir, runs.CONFIG, cfg.to_dict())
@@ -170,10 +248,12 @@ def train_run(
     else:
         log("Config: " + json.dumps(cfg.to_dict()))
         if (run_dir / ck.CHECKPOINT_NAME).is_file():
-            state = _restore(run_dir / ck.CHECKPOINT_NAME, model, optimizer, scheduler)
+            state = _restore(run_dir / ck.CHECKPOINT_NAME, model, optimizer, scheduler, group)
             log(f"Resuming {run_dir} after epoch {state.epoch}/{cfg.epochs}")
         else:
             log(f"Resuming {run_dir} from the start (it has no complete epoch)")
+    if main:
+        distributed.note(run_dir=str(run_dir))
     log(f"Model: {cfg.model} ({count_parameters(model):,} parameters)")
 
     saved_epoch = state.epoch  # the last epoch safely on disk
@@ -182,6 +262,10 @@ def train_run(
         nonlocal saved_epoch
         fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(FitState)}
         fields.pop("best_state")
+        rng_ranks = group.gather(torch.get_rng_state()) if group is not None else None
+        if not main:
+            saved_epoch = state.epoch
+            return
         try:
             # The checkpoint is the truth a resume starts from; best.pt and metrics.jsonl follow.
             ck.save_torch(
@@ -190,6 +274,7 @@ def train_run(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "rng": torch.get_rng_state(),
+                    "rng_ranks": rng_ranks,
                     "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
                     "state": fields,
                     "best": state.best_state,
@@ -204,8 +289,15 @@ def train_run(
         except MnistlabError as e:
             raise MnistlabError(
                 f"{e}. {run_dir} holds epoch {saved_epoch}/{cfg.epochs}; once fixed, resume "
-                f"with: mnistlab train --resume {run_dir}"
+                f"with: {_resume_hint(run_dir, group)}"
             ) from None
+
+    def epoch_end(state: FitState) -> bool:
+        reason = on_epoch(state.history[-1]) if on_epoch is not None else None
+        if reason:
+            state.stopped_early, state.stop_reason = True, reason
+        save(state)
+        return bool(reason)
 
     # Ctrl-C and SIGTERM stop between two instructions; the last saved epoch stays intact.
     handlers = {}
@@ -214,7 +306,7 @@ def train_run(
             handlers[sig] = signal.signal(sig, signal.default_int_handler)
     try:
         state = fit(
-            model,
+            train_model,
             optimizer,
             data.train,
             data.test,
@@ -222,21 +314,33 @@ def train_run(
             val_loader=data.val,
             scheduler=scheduler,
             state=state,
-            on_epoch_end=save,
+            on_epoch_end=epoch_end,
             log=log,
             progress=progress,
+            reduce=reduce,
         )
     except KeyboardInterrupt:
         raise MnistlabError(
-            f"interrupted; {run_dir} is saved after epoch {saved_epoch}/{cfg.epochs}. "
-            f"Resume with: mnistlab train --resume {run_dir}"
+            f"interrupted; {run_dir or 'the run'} is saved after epoch {saved_epoch}/{cfg.epochs}. "
+            f"Resume with: {_resume_hint(run_dir, group)}"
+        ) from None
+    except Exception as e:
+        if group is None or not distributed.is_peer_failure(e):
+            raise
+        raise MnistlabError(
+            f"another process of this {group.world}-process run stopped "
+            f"({distributed._first_line(e)}); {run_dir or 'the run'} is saved after epoch "
+            f"{saved_epoch}/{cfg.epochs}. Resume with: {_resume_hint(run_dir, group)}"
         ) from None
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
 
-    if cfg.early_stop and state.best_state is not None:
-        test_loss, test_acc = evaluate(model, data.test)  # the restored best weights
+    test_loss = test_acc = None
+    if data.test is None:
+        pass  # the test set stays unseen (a sweep's trial)
+    elif cfg.early_stop and state.best_state is not None:
+        test_loss, test_acc = evaluate(model, data.test, reduce=reduce)  # the restored best
     else:
         test_loss, test_acc = state.history[-1]["test_loss"], state.history[-1]["test_acc"]
     seconds = time.perf_counter() - started
@@ -251,12 +355,16 @@ def train_run(
         "best_val_acc": max(val_accs) if val_accs else None,
         "best_epoch": state.best_epoch or None,
         "stopped_early": state.stopped_early,
+        "stop_reason": state.stop_reason,
+        "processes": group.world if group is not None else 1,
         "seconds": seconds,
         "train_seconds": sum(r["seconds"] for r in state.history),
         "parameters": count_parameters(model),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    if not math.isfinite(test_loss):
+    if not main:
+        return summary
+    if test_loss is not None and not math.isfinite(test_loss):
         log("warning: the test loss is not finite; the learning rate may be too high")
     try:
         ck.save_torch(model.state_dict(), run_dir / ck.WEIGHTS_NAME)
@@ -267,6 +375,11 @@ def train_run(
         raise MnistlabError(
             f"{e}. Every epoch is saved; once fixed, finish with: mnistlab train --resume {run_dir}"
         ) from None
-    log(f"Final test accuracy: {test_acc:.2f}% (loss {test_loss:.4f}) in {seconds:.1f}s")
+    if test_acc is not None:
+        log(f"Final test accuracy: {test_acc:.2f}% (loss {test_loss:.4f}) in {seconds:.1f}s")
+    else:
+        last = state.history[-1]
+        log(f"Final validation accuracy: {last.get('val_acc', math.nan):.2f}% (the test set was "
+            f"not used) in {seconds:.1f}s")
     log(f"Saved {run_dir / ck.WEIGHTS_NAME}")
     return summary

@@ -14,9 +14,11 @@ from torch import nn
 
 
 def linear_stack(model: nn.Module) -> list[nn.Linear] | None:
-    """The Linear layers of a model that is `Flatten → (Linear → ReLU)* → Linear`, else None."""
+    """The Linear layers of a model that is `Flatten → (Linear → ReLU)* → Linear` (in its current
+    train/eval mode), else None."""
     stack = getattr(model, "linear_stack", None)
-    return list(stack()) if callable(stack) else None
+    layers = stack() if callable(stack) else None
+    return list(layers) if layers is not None else None
 
 
 Params = list[tuple[torch.Tensor, torch.Tensor]]  # (weight, bias) per Linear layer

@@ -46,7 +46,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         raise MnistlabError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
     try:
         return entry.cls(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise MnistlabError(f"bad arguments for model {name!r}: {e}") from None
 
 
@@ -69,21 +69,49 @@ class LogisticRegression(nn.Module):
         return [self.linear]
 
 
-@register("mlp", "The lab's SimpleMNISTDNN: 784 → 128 → ReLU → 10.")
+@register("mlp", "The lab's SimpleMNISTDNN: 784 → 128 → ReLU → 10 (hidden, depth, dropout).")
 class SimpleMNISTDNN(nn.Module):
-    def __init__(self) -> None:
+    """Flatten → (Linear → ReLU [→ Dropout]) × depth → Linear(hidden, 10).
+
+    The defaults are the lab's model (101,770 parameters); layers are named fc1, fc2, ... so its
+    weights keep their names whatever the depth.
+    """
+
+    def __init__(self, hidden: int = 128, depth: int = 1, dropout: float = 0.0) -> None:
         super().__init__()
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"hidden must be a positive integer, got {hidden!r}")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be a positive integer, got {depth!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.depth, self.dropout = depth, float(dropout)
         self.flatten = nn.Flatten()
-        self.fc1 = nn.Linear(28 * 28, 128)
-        self.relu = nn.ReLU()
-        self.fc2 = nn.Linear(128, 10)
+        widths = [28 * 28] + [hidden] * depth + [10]
+        for i, (n_in, n_out) in enumerate(itertools.pairwise(widths), start=1):
+            setattr(self, f"fc{i}", nn.Linear(n_in, n_out))
+            if i == 1:  # registered here so the modules list in the lab's order
+                self.relu = nn.ReLU()
+                self.drop = nn.Dropout(dropout) if dropout else None
+
+    def linears(self) -> list[nn.Linear]:
+        return [getattr(self, f"fc{i}") for i in range(1, self.depth + 2)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.relu(self.fc1(self.flatten(x))))
+        *hidden, last = self.linears()
+        x = self.flatten(x)
+        for fc in hidden:
+            x = self.relu(fc(x))
+            if self.drop is not None:
+                x = self.drop(x)
+        return last(x)
 
-    def linear_stack(self) -> list[nn.Linear]:
-        """Flatten → Linear → ReLU → Linear: trainable by `mnistlab.mlpstep` without autograd."""
-        return [self.fc1, self.fc2]
+    def linear_stack(self) -> list[nn.Linear] | None:
+        """Flatten → (Linear → ReLU)* → Linear, trainable by `mnistlab.mlpstep` without autograd;
+        None while dropout is active (in training mode with dropout > 0)."""
+        if self.drop is not None and self.training:
+            return None
+        return self.linears()
 
 
 def _mlp_stack(batchnorm: bool, dropout: float) -> nn.Sequential:

@@ -24,6 +24,8 @@ from .mlpstep import MLPStep
 from .optim import FusedAdam
 
 Log = Callable[[str], None]
+# Sums a float64 tensor of running totals over the processes of a distributed run, in place.
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 # torch's own choice (physical cores, or $OMP_NUM_THREADS), before anyone lowers it.
 DEFAULT_THREADS = torch.get_num_threads()
 
@@ -189,12 +191,15 @@ def train_epoch(
     autocast: torch.dtype | None = None,
     ema: torch.optim.swa_utils.AveragedModel | None = None,
     mlp_step: bool = True,
+    reduce: Reduce | None = None,
 ) -> tuple[float, float]:
     """One pass over `loader`; returns (mean loss, accuracy in %).
 
     Every `log_every` steps it logs the lab's line `Step 134/938 - Loss: 0.561 | Acc: 84.57%`
     with the loss and accuracy over that interval. With `mlp_step`, models that `MLPStep` can
     train (plain MLPs under cross-entropy, no autocast) get their gradients without autograd.
+    `reduce` sums the interval's totals over the processes of a distributed run, at those same
+    log points (and so at the epoch's end).
     """
     model.train()
     hand = MLPStep.for_model(model, loss_fn) if mlp_step and autocast is None else None
@@ -235,6 +240,8 @@ def train_epoch(
         int_correct += batch_correct
         int_seen += n
         if log_every and (step % log_every == 0 or step == steps):
+            if reduce is not None:
+                int_loss, int_correct, int_seen = _reduced(reduce, int_loss, int_correct, int_seen)
             if write and int_seen:
                 write(
                     f"Step {step}/{steps} - Loss: {int_loss / int_seen:.3f} | "
@@ -251,6 +258,8 @@ def train_epoch(
                 )
         if bar is not None:
             bar.update()
+    if reduce is not None and not log_every:
+        int_loss, int_correct, int_seen = _reduced(reduce, int_loss, int_correct, int_seen)
     total_loss += int_loss
     total_correct += int_correct
     total_seen += int_seen
@@ -259,6 +268,17 @@ def train_epoch(
     if not total_seen:
         return math.nan, math.nan
     return total_loss / total_seen, 100.0 * total_correct / total_seen
+
+
+def _reduced(reduce: Reduce, *values: float) -> list[float]:
+    return reduce(torch.tensor(values, dtype=torch.float64)).tolist()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper, else `model` itself."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
 
 
 @torch.no_grad()
@@ -280,8 +300,10 @@ def evaluate(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     loss_fn: nn.Module | None = None,
+    reduce: Reduce | None = None,
 ) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy in %) of `model` on `loader`."""
+    """(mean cross-entropy loss, accuracy in %) of `model` on `loader`; with `reduce`, over
+    the loaders of every process of a distributed run."""
     model.eval()
     device = next(model.parameters()).device
     loss_fn = loss_fn or nn.CrossEntropyLoss()
@@ -292,6 +314,8 @@ def evaluate(
         total_loss += float(loss_fn(logits, y)) * y.shape[0]
         correct += int((logits.argmax(1) == y).sum())
         seen += y.shape[0]
+    if reduce is not None:
+        total_loss, correct, seen = _reduced(reduce, total_loss, correct, seen)
     return total_loss / seen, 100.0 * correct / seen
 
 
@@ -306,6 +330,7 @@ class FitState:
     bad_epochs: int = 0
     best_state: dict[str, torch.Tensor] | None = None
     stopped_early: bool = False
+    stop_reason: str | None = None  # why on_epoch_end stopped the fit, e.g. "pruned"
     ema_state: dict[str, torch.Tensor] | None = None  # the weight average, with cfg.ema
 
 
@@ -319,13 +344,18 @@ def fit(
     val_loader: Any = None,
     scheduler: Any = None,
     state: FitState | None = None,
-    on_epoch_end: Callable[[FitState], None] | None = None,
+    on_epoch_end: Callable[[FitState], bool | None] | None = None,
     log: Log = print,
     progress: bool = False,
+    reduce: Reduce | None = None,
 ) -> FitState:
     """Train for `cfg.epochs`, evaluating after every epoch; early-stop on validation loss.
 
     `state` resumes from its epoch. With early stopping, the best weights are restored at the end.
+    `test_loader` may be None (no test set: a sweep's trials choose on validation only).
+    `on_epoch_end` sees the state after each epoch; if it returns True the fit stops there
+    (it sets `state.stop_reason`). `model` may be a DistributedDataParallel wrapper; `reduce`
+    then sums metrics over its processes.
     """
     state = state or FitState()
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -335,6 +365,7 @@ def fit(
         cfg.augment, degrees=cfg.aug_degrees, scale=cfg.aug_scale, shear=cfg.aug_shear,
         translate=cfg.aug_translate,
     )
+    net = unwrap(model)  # what is evaluated and averaged; `model` is what trains
     device = next(model.parameters()).device
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its params
@@ -344,12 +375,13 @@ def fit(
         # An exponential moving average of the weights (and BatchNorm statistics): evaluated
         # every epoch and, at the end, copied into `model`.
         ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema),
+            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema),
             use_buffers=True,
         )
         if state.ema_state is not None:
             ema.load_state_dict(state.ema_state)
-    eval_model = ema.module if ema is not None else model
+    eval_model = ema.module if ema is not None else net
+    summed = {"reduce": reduce} if reduce is not None else {}
     end = state.epoch if state.stopped_early else cfg.epochs  # a resumed early stop stays stopped
     for epoch in range(state.epoch, end):
         if hasattr(train_loader, "set_epoch"):
@@ -371,6 +403,7 @@ def fit(
             autocast=autocast,
             ema=ema,
             mlp_step=cfg.mlp_step,
+            reduce=reduce,
         )
         if ema is not None:
             state.ema_state = ema.state_dict()
@@ -380,8 +413,11 @@ def fit(
             "train_acc": train_acc,
         }
         if val_loader is not None:
-            record["val_loss"], record["val_acc"] = evaluate(eval_model, val_loader, eval_loss_fn)
-        record["test_loss"], record["test_acc"] = evaluate(eval_model, test_loader, eval_loss_fn)
+            record["val_loss"], record["val_acc"] = evaluate(eval_model, val_loader, eval_loss_fn,
+                                                             **summed)  # fmt: skip
+        if test_loader is not None:
+            record["test_loss"], record["test_acc"] = evaluate(eval_model, test_loader,
+                                                               eval_loss_fn, **summed)  # fmt: skip
         record["lr"] = optimizer.param_groups[0]["lr"]
         record["seconds"] = time.perf_counter() - start
         state.history.append(record)
@@ -401,21 +437,24 @@ def fit(
                 state.best_state = copy.deepcopy(eval_model.state_dict())
             else:
                 state.bad_epochs += 1
-        parts.append(f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.2f}%")
+        if test_loader is not None:
+            parts.append(f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.2f}%")
         parts.append(f"{record['seconds']:.1f}s")
         log(" | ".join(parts))
         stop = bool(cfg.early_stop) and state.bad_epochs >= cfg.early_stop
         state.stopped_early = stop
-        if on_epoch_end is not None:
-            on_epoch_end(state)
+        asked = on_epoch_end is not None and bool(on_epoch_end(state))
         if stop:
             log(
                 f"Early stop: validation loss has not improved for {cfg.early_stop} epochs; "
                 f"restoring the weights of epoch {state.best_epoch}"
             )
             break
+        if asked:
+            log(f"Stopped after epoch {epoch + 1}: {state.stop_reason or 'asked to stop'}")
+            break
     if ema is not None:
-        model.load_state_dict(ema.module.state_dict())
+        net.load_state_dict(ema.module.state_dict())
     if cfg.early_stop and state.best_state is not None:
-        model.load_state_dict(state.best_state)
+        net.load_state_dict(state.best_state)
     return state

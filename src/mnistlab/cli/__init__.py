@@ -74,13 +74,22 @@ def cli() -> None:
 
 
 def fail(message: str, code: int = 1) -> None:
-    click.echo(f"mnistlab: error: {message}", err=True)
+    from .. import distributed
+
+    if distributed.launched():  # `train --nproc` prints the one line for all its processes
+        distributed.note(error=message)
+    else:
+        click.echo(f"mnistlab: error: {message}", err=True)
     sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        rc = cli.main(args=argv, prog_name="mnistlab", standalone_mode=False)
+        args = list(argv) if argv is not None else sys.argv[1:]
+        # obj["argv"]: the command line as given, for commands that relaunch themselves
+        # (`train --nproc`, `sweep --workers`).
+        rc = cli.main(args=args, prog_name="mnistlab", standalone_mode=False,
+                      obj={"argv": args})
         sys.exit(rc if isinstance(rc, int) else 0)
     except MnistlabError as e:
         fail(str(e))

@@ -44,6 +44,7 @@ FIELD_HELP = {
     "ema": "Keep a moving average of the weights with this decay (e.g. 0.999); 0 is off.",
     "mlp_step": "mlp and logreg: gradients from a written-out backward pass instead of autograd "
     "(the same maths, faster). Default: on.",
+    "eval_test": "Evaluate on the test set after every epoch and at the end. Default: on.",
 }
 SKIP = {"recipe", "model_args"}
 
@@ -68,6 +69,20 @@ def _config_options(func):
 @click.option(
     "--recipe", default=None, help="Named preset (`mnistlab models --recipes`). Default: lab."
 )
+@click.option(
+    "--config", "config_file", default=None, metavar="FILE",
+    help="TOML or JSON file of TrainConfig keys (e.g. from `mnistlab sweep best`); "
+    "the recipe's values come first, flags override the file.",
+)
+@click.option(
+    "--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+    help="Model constructor argument, e.g. --model-arg hidden=256 (repeatable).",
+)
+@click.option(
+    "--nproc", type=int, default=None, metavar="N",
+    help="Train with N processes (DistributedDataParallel, launched as torchrun would on this "
+    "machine; gloo on CPU, NCCL on CUDA). Default: 1.",
+)
 @_config_options
 @click.option("--name", default=None, help="Run folder name. Default: a timestamp.")
 @click.option("--runs-dir", default="runs", show_default=True, help="Parent folder of runs.")
@@ -76,25 +91,49 @@ def _config_options(func):
 @click.option("--no-progress", is_flag=True, help="No progress bar, even on a terminal.")
 @click.option("--no-report", is_flag=True, help="Do not write <run>/report.html at the end.")
 @root_option
-def train(recipe, name, runs_dir, resume, as_json, no_progress, no_report, root, **flags) -> None:
-    """Train a model; every run leaves a self-describing folder under runs/."""
-    from ..config import resolve_config
+def train(recipe, config_file, model_args, nproc, name, runs_dir, resume, as_json, no_progress,
+          no_report, root, **flags) -> None:
+    """Train a model; every run leaves a self-describing folder under runs/.
+
+    Under torchrun (`torchrun --nproc-per-node N -m mnistlab train ...`) or with --nproc N, each
+    process trains on its share of every batch; rank 0 alone prints and writes the run folder.
+    """
+    from .. import distributed
+    from ..config import parse_model_args, read_config_file, resolve_config
+    from ..errors import MnistlabError
     from ..experiment import train_run
 
     started = time.perf_counter()  # `seconds` counts the work, not the imports (torch: ~1 s)
+    if nproc is not None and nproc < 1:
+        raise MnistlabError(f"--nproc must be at least 1, got {nproc}")
+    launching = bool(nproc and nproc > 1) and distributed.world_size() == 1
+    main_rank = distributed.rank() == 0
 
     def log(line: str) -> None:
-        click.echo(line, err=as_json)
+        if main_rank:
+            click.echo(line, err=as_json)
 
+    extra_args = parse_model_args(model_args)
     if resume is not None:
+        if config_file is not None:
+            raise MnistlabError("--resume continues a run with its own config; drop --config")
         asked = {k: v for k, v in flags.items() if v is not None}
         if recipe is not None:
             asked["recipe"] = recipe
+        if extra_args:
+            asked["model_args"] = extra_args
         cfg = None
     else:
-        cfg = resolve_config(recipe or "lab", **flags)
+        file_values = read_config_file(config_file) if config_file is not None else None
+        cfg = resolve_config(recipe, config=file_values, model_args=extra_args, **flags)
         asked = {}
-        log("Config: " + json.dumps(cfg.to_dict()))
+        if not launching:
+            log("Config: " + json.dumps(cfg.to_dict()))
+    if launching:
+        ctx = click.get_current_context()
+        argv = (ctx.find_root().obj or {}).get("argv") or sys.argv[1:]
+        distributed.launch(nproc, distributed.without_option(argv, "--nproc"), resume=resume)
+        return
     summary = train_run(
         cfg,
         root=root,
@@ -106,6 +145,8 @@ def train(recipe, name, runs_dir, resume, as_json, no_progress, no_report, root,
         progress=sys.stderr.isatty() and not no_progress,
         started=started,
     )
+    if not main_rank:
+        return
     if not no_report:
         from ..errors import MnistlabError
         from ..report import build_report
