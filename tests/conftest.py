@@ -155,3 +155,100 @@ def cli(capsys):
         )
 
     return run
+
+
+# ---- a real PostgreSQL server --------------------------------------------------------------------
+
+
+def _postgres_bin() -> Path | None:
+    """The newest PostgreSQL server binaries: Debian's /usr/lib/postgresql/N/bin, else PATH."""
+    import shutil
+
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                   key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)  # fmt: skip
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+class PostgresServer:
+    """A PostgreSQL server of our own in a temporary folder, on a free loopback port."""
+
+    def __init__(self, bindir: Path) -> None:
+        import pwd
+        import socket
+        import tempfile
+
+        self.bindir = bindir
+        self.folder = Path(tempfile.mkdtemp(prefix="mnistlab-pg-"))  # /tmp: postgres can enter
+        # The server refuses to run as root: as root, run it as the `postgres` user.
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(self.folder, user.pw_uid, user.pw_gid)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.data = self.folder / "data"
+        self.databases = 0
+
+    def _run(self, *cmd: str, timeout: float = 60) -> None:
+        subprocess.run([*self.as_user, *cmd], check=True, capture_output=True, timeout=timeout)
+
+    def start(self) -> None:
+        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U",
+                  "postgres", "--no-sync", "-E", "UTF8", "--locale=C")  # fmt: skip
+        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder} "
+                   "-c fsync=off -c max_connections=40")  # fmt: skip
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
+                  str(self.folder / "server.log"), "-w", "-t", "30", "-o", options, "start")
+
+    def stop(self) -> None:
+        import shutil
+
+        try:
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
+                      "-t", "30", "stop")  # fmt: skip
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database; its URL."""
+        import psycopg2
+
+        self.databases += 1
+        name = f"mnistlab_{self.databases}"
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres",
+                                dbname="postgres", connect_timeout=10)  # fmt: skip
+        try:
+            conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction
+            with conn.cursor() as cur:
+                cur.execute(f"CREATE DATABASE {name}")
+        finally:
+            conn.close()
+        return self.url(name)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server for the session (Debian's `postgresql` package; `.ci/run`
+    installs it), listening on 127.0.0.1 only, stopped and deleted afterwards."""
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.fail("PostgreSQL's server binaries (initdb, pg_ctl) are not installed: "
+                    "apt-get install postgresql", pytrace=False)  # fmt: skip
+    server = PostgresServer(bindir)
+    try:
+        server.start()
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        log = server.folder / "server.log"
+        detail = log.read_text()[-2000:] if log.is_file() else getattr(e, "stderr", b"")
+        server.stop()
+        pytest.fail(f"could not start PostgreSQL: {e}\n{detail}", pytrace=False)
+    yield server
+    server.stop()

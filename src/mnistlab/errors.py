@@ -11,3 +11,7 @@ class DataError(MnistlabError):
 
 class DownloadError(DataError):
     """No mirror delivered a verified file."""
+
+
+class Interrupted(MnistlabError):
+    """Ctrl-C or SIGTERM stopped a run between two saved epochs."""

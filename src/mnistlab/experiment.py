@@ -23,7 +23,7 @@ from . import checkpoints as ck
 from . import distributed, runs
 from .config import TrainConfig
 from .data import BatchLoader, load_mnist, normalize, split_indices
-from .errors import MnistlabError
+from .errors import Interrupted, MnistlabError
 from .models import count_parameters, create_model
 from .training import (
     FitState,
@@ -320,7 +320,7 @@ def _train(
             reduce=reduce,
         )
     except KeyboardInterrupt:
-        raise MnistlabError(
+        raise Interrupted(
             f"interrupted; {run_dir or 'the run'} is saved after epoch {saved_epoch}/{cfg.epochs}. "
             f"Resume with: {_resume_hint(run_dir, group)}"
         ) from None

@@ -165,6 +165,24 @@ class Report:
     test_acc: float | None
 
 
+def _evaluation_images(config: dict[str, Any], root: str | os.PathLike[str] | None):
+    """(images, labels, name) a report evaluates on: the test set, or for a run that kept it
+    out (a sweep's trial, `eval_test` off) the run's own validation split."""
+    from .data import load_mnist, split_indices
+
+    if config.get("eval_test", True) is not False:
+        return (*load_mnist(root, "test"), "test")
+    images, labels = load_mnist(root, "train")
+    limit = int(config.get("train_limit") or 0)
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    val_split = float(config.get("val_split") or 0.0)
+    if not val_split:
+        raise MnistlabError("the run has neither a test set nor a validation split to report on")
+    _, val_idx = split_indices(labels, val_split, seed=int(config.get("seed") or 0))
+    return images[val_idx], labels[val_idx], "validation"
+
+
 def default_report_path(run_dir: Path) -> Path:
     return run_dir / "report.html"
 
@@ -215,7 +233,7 @@ def build_report(
     fig_dir = figure_dir_for(out_path)
 
     from . import plots
-    from .data import BatchLoader, load_mnist
+    from .data import BatchLoader
     from .metrics import classification_metrics, expected_calibration_error
     from .models import MODELS, count_parameters
     from .training import predict_logits
@@ -228,8 +246,9 @@ def build_report(
     ]
     model, weights_from = _load_weights(record)
     evaluation: dict[str, Any] | None = None
+    eval_set = "test"
     if model is not None:
-        images, labels = load_mnist(root, "test")
+        images, labels, eval_set = _evaluation_images(record.config, root)
         batch = int(record.config.get("eval_batch_size") or 1000)
         logits, y = predict_logits(model, BatchLoader(images, labels, batch))
         probs = logits.softmax(1)
@@ -247,8 +266,8 @@ def build_report(
                    "mistakes.",
                    plots.figure_png(plots.plot_confusion_matrix(
                        evaluation["confusion_matrix"],
-                       title=f"Confusion matrix ({evaluation['count']:,} test images)"))),
-            ReportFigure("predictions", "Predictions on random test images",
+                       title=f"Confusion matrix ({evaluation['count']:,} {eval_set} images)"))),
+            ReportFigure("predictions", f"Predictions on random {eval_set} images",
                    "Each title is predicted / true label; mistakes are red and framed.",
                    plots.figure_png(plots.display_predictions(
                        images, y, logits, n=24, seed=seed, cols=8))),
@@ -280,6 +299,7 @@ def build_report(
             title=f"mnistlab report: {record.name}",
             figures=figures,
             evaluation=evaluation,
+            eval_set=eval_set,
             weights_from=weights_from,
             extra_notes=record.notes[0 if record.complete else 1 :],
             model_class=entry.cls.__name__ if entry else model_name,
