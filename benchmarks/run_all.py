@@ -2,6 +2,7 @@
 
     python benchmarks/run_all.py                 # all but best (read from its results file)
     python benchmarks/run_all.py --best          # also the best recipe (3 runs of ~10 min)
+    python benchmarks/run_all.py --sweep         # also the sweep benchmark (~20 min)
     python benchmarks/run_all.py --only lab,fast # some of them
     python benchmarks/run_all.py --table-only    # just rewrite BENCHMARKS.md
     python benchmarks/run_all.py --quick         # smoke run of everything; writes nothing
@@ -18,6 +19,7 @@ import bench_fast
 import bench_inference
 import bench_lab
 import bench_memory
+import bench_sweep
 import benchutil as bu
 
 BENCHES = {
@@ -26,7 +28,10 @@ BENCHES = {
     "best": bench_best.main,
     "inference": bench_inference.main,
     "memory": bench_memory.main,
+    "sweep": bench_sweep.main,
 }
+# Long benchmarks, run only when asked for (their flag, or --only); their results files stay.
+OPT_IN = ("best", "sweep")
 # Benchmarks that print a report rather than return figures: their output is kept verbatim.
 TEXT_BENCHES = {
     "robustness": (["bench_robustness.py"], ["-n", "200", "--repeat", "1"]),
@@ -115,6 +120,23 @@ def table(results: dict[str, dict]) -> list[str]:
             f"{ref['median']:.0f} MiB (lab-style, 1 epoch) | {ours['max'] / ref['median']:.2f}× "
             f"| ≤ 1024 MiB | {yes(mem['met'])} |"
         )
+    sweep = results.get("sweep")
+    if sweep:
+        for row in sweep["rows"]:
+            rows.append(
+                f"| Sweep `{sweep['space']}`, {row['workers']} worker(s), pruner {row['pruner']}: "
+                f"trials per hour ({row['trials']} trials, {row['pruned']} pruned) | "
+                f"{row['trials_per_hour']:.0f}/h ({row['epochs_per_hour']:.0f} epochs/h) | – | – "
+                f"| reported, not targeted | – |"
+            )
+        found, lab = sweep["search"], sweep["lab"]
+        rows.append(
+            f"| Sweep `{sweep['space']}`: best validation accuracy after {found['trials']} trials "
+            f"| {found['best']['val_acc']:.2f}% (its test acc, measured once: "
+            f"{found['test_acc']:.2f}%) | lab recipe {lab['val_acc']:.2f}% "
+            f"(test {lab['test_acc']:.2f}%) | {found['best']['val_acc'] - lab['val_acc']:+.2f} "
+            "points | reported, not targeted | – |"
+        )
     return rows
 
 
@@ -164,11 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="Comma-separated subset of: "
                    + ", ".join([*BENCHES, *TEXT_BENCHES]))
     p.add_argument("--best", action="store_true", help="Also run the best recipe (~30 min).")
+    p.add_argument("--sweep", action="store_true", help="Also run the sweep benchmark (~20 min).")
     p.add_argument("--table-only", action="store_true", help="Only rewrite BENCHMARKS.md.")
     p.add_argument("--quick", action="store_true", help="Smoke run of each; writes nothing.")
     a = p.parse_args(argv)
+    asked = {"best": a.best, "sweep": a.sweep}
     names = [n for n in a.only.split(",") if n] or [
-        n for n in [*BENCHES, *TEXT_BENCHES] if n != "best" or a.best or a.quick
+        n for n in [*BENCHES, *TEXT_BENCHES] if n not in OPT_IN or asked[n] or a.quick
     ]
     unknown = set(names) - set(BENCHES) - set(TEXT_BENCHES)
     if unknown:

@@ -110,3 +110,17 @@ def test_table_marks_met_and_missed_targets():
     assert "2.50 s" in lab and "42.0 s" not in lab and "41.0 s" in lab and "16.0×" in lab
     assert lab.endswith("**yes** |")
     assert "1200 MiB" in mem and mem.endswith("**no** |")
+
+
+def test_table_reports_sweeps_without_a_target():
+    hw = fake_results()["lab"]["hardware"]
+    row = {"workers": 2, "pruner": "median", "trials": 8, "pruned": 3, "trials_per_hour": 120.4,
+           "epochs_per_hour": 400.0}
+    sweep = {"hardware": hw, "command": "c", "space": "lab-mlp", "rows": [row],
+             "search": {"trials": 20, "best": {"val_acc": 98.1}, "test_acc": 97.9},
+             "lab": {"val_acc": 97.6, "test_acc": 97.5}}
+    rows = run_all.table({"sweep": sweep})
+    assert rows[2].startswith("| Sweep `lab-mlp`, 2 worker(s), pruner median")
+    assert "120/h" in rows[2]
+    assert "98.10%" in rows[3] and "97.90%" in rows[3] and "+0.50 points" in rows[3]
+    assert all("reported, not targeted" in r for r in rows[2:])

@@ -87,6 +87,50 @@ def test_resolved_config_is_printed_and_saved(tmp_path, data_root, capsys):
     assert len(out.splitlines()) == 1 and json.loads(out)["model"] == "logreg"
 
 
+def test_config_file_then_flags_then_model_args(tmp_path, capsys):
+    toml = tmp_path / "c.toml"
+    toml.write_text('recipe = "logreg"\nlr = 0.02\nepochs = 3\ntrain_limit = 640\n')
+    code, out, err = invoke(capsys, "train", "--config", toml, "--epochs", "1", "--runs-dir",
+                            tmp_path, "--name", "t", "--json", *QUICK)  # fmt: skip
+    assert code == 0, err
+    saved = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert (saved["recipe"], saved["optimizer"], saved["lr"]) == ("logreg", "sgd", 0.02)
+    assert saved["epochs"] == 1  # the flag beats the file
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model": "mlp", "train_limit": 640, "epochs": 1,
+                                  "model_args": {"hidden": 32, "depth": 2}}))  # fmt: skip
+    code, out, err = invoke(capsys, "train", "--config", config, "--model-arg", "hidden=48",
+                            "--runs-dir", tmp_path, "--name", "m", "--json", *QUICK)  # fmt: skip
+    assert code == 0, err
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["model_args"] == {"hidden": 48, "depth": 2} and saved["recipe"] == "lab"
+    assert json.loads(out)["parameters"] == (784 * 48 + 48) + (48 * 48 + 48) + (48 * 10 + 10)
+
+
+@pytest.mark.parametrize(("text", "suffix", "fragment"), [
+    ('lrr = 0.1\n', ".toml", "unknown key 'lrr'"),
+    ('{"lr": 0.1, "epoch": 2}', ".json", "unknown key 'epoch'"),
+    ('lr = \n', ".toml", "not valid TOML"),
+    ('[1, 2]', ".json", "expected an object of TrainConfig keys"),
+    ('lr: 0.1', ".yaml", "give a .toml or .json file"),
+])  # fmt: skip
+def test_bad_config_files_are_one_line(tmp_path, capsys, text, suffix, fragment):
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text)
+    code, _, err = invoke(capsys, "train", "--config", path, "--runs-dir", tmp_path / "runs")
+    assert_clean_error(code, err, f"--config {path}", fragment)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_model_args_are_one_line(tmp_path, capsys):
+    for arg, fragment in (("hidden", "write it as KEY=VALUE"), ("width=3", "bad arguments"),
+                          ("hidden=0", "bad arguments for model 'mlp'")):  # fmt: skip
+        code, _, err = invoke(capsys, "train", "--model-arg", arg, "--runs-dir", tmp_path / "r",
+                              "--epochs", "1", "--train-limit", "640", *QUICK)  # fmt: skip
+        assert_clean_error(code, err, fragment)
+        assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
 # ---- bad input: one line, non-zero exit, no traceback, no run folder ----------------------------
 
 BAD_FLAGS = [

@@ -15,12 +15,13 @@ from mnistlab.training import evaluate, train_epoch
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("name", ["mlp", "logreg"])
+@pytest.mark.parametrize(("name", "args"), [("mlp", {}), ("logreg", {}),
+                                           ("mlp", {"hidden": 96, "depth": 3})])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("batch", [64, 37])
-def test_loss_logits_and_gradients_match_autograd(name, smoothing, batch):
+def test_loss_logits_and_gradients_match_autograd(name, args, smoothing, batch):
     torch.manual_seed(batch)
-    model = create_model(name)
+    model = create_model(name, **args)
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=smoothing)
     expected_logits = model(x)
@@ -51,6 +52,13 @@ def test_only_plain_mlps_under_plain_cross_entropy_take_the_step():
     assert MLPStep.for_model(mlp, nn.NLLLoss()) is None
     mlp.fc1.weight.requires_grad_(False)  # frozen layers are autograd's job
     assert MLPStep.for_model(mlp, ce) is None
+    # A wider, deeper mlp is still a linear stack; with dropout only in eval mode (the
+    # Predictor's addmm chain), never while training.
+    assert [m.out_features for m in linear_stack(create_model("mlp", hidden=32, depth=2))] == [
+        32, 32, 10]  # fmt: skip
+    dropped = create_model("mlp", dropout=0.3)
+    assert MLPStep.for_model(dropped.train(), ce) is None
+    assert len(linear_stack(dropped.eval())) == 2
 
 
 def test_an_epoch_with_the_step_trains_like_autograd(data_root):

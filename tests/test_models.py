@@ -119,6 +119,27 @@ def test_mlp_forward_is_the_lab_data_path():
     assert torch.equal(model(x), expected)
 
 
+def test_mlp_width_depth_and_dropout_extend_the_lab_model():
+    wide = create_model("mlp", hidden=256)
+    assert count_parameters(wide) == linear(784, 256) + linear(256, 10)
+    deep = create_model("mlp", hidden=64, depth=3, dropout=0.2)
+    assert layers(deep) == ["Flatten", "Linear(784,64)", "ReLU", "Dropout(0.2)",
+                            "Linear(64,64)", "Linear(64,64)", "Linear(64,10)"]
+    assert count_parameters(deep) == linear(784, 64) + 2 * linear(64, 64) + linear(64, 10)
+    assert list(create_model("mlp").state_dict()) == ["fc1.weight", "fc1.bias", "fc2.weight",
+                                                      "fc2.bias"]  # the lab's names, kept
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 28, 28)
+    deep.eval()
+    h = x.flatten(1)
+    for fc in (deep.fc1, deep.fc2, deep.fc3):
+        h = torch.relu(fc(h))
+    assert torch.equal(deep(x), deep.fc4(h))  # dropout is off in eval mode
+    for bad in ({"hidden": 0}, {"depth": 0}, {"dropout": 1.0}, {"hidden": 2.5}):
+        with pytest.raises(MnistlabError, match="bad arguments for model 'mlp'"):
+            create_model("mlp", **bad)
+
+
 def test_model_arguments_pass_through_and_bad_ones_are_clear():
     model = create_model("mlp-dropout", dropout=0.5)
     assert {m.p for m in model.modules() if isinstance(m, nn.Dropout)} == {0.5}

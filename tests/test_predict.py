@@ -176,13 +176,14 @@ def test_predictions_read_as_a_sequence(predictor, test_set):
     assert len(empty) == 0 and list(empty) == [] and empty.probabilities.shape == (0, 10)
 
 
-@pytest.mark.parametrize("name", ["bundled", "mlp"])
+@pytest.mark.parametrize("name", ["bundled", "mlp", "mlp-wide"])
 def test_batch_tensors_agree_with_the_items_and_with_eager_pytorch(predictor, test_set, name):
     if name == "bundled":
         model = predictor.model
     else:
         torch.manual_seed(0)
-        model = create_model("mlp")
+        args = {"hidden": 200, "depth": 2, "dropout": 0.25} if name == "mlp-wide" else {}
+        model = create_model("mlp", **args)
     used = Predictor(model, {"name": name, "source": "test", "parameters": 0})
     x = test_set[0][:700].float() / 255  # more than one 512-image chunk
     predictions = used.predict_pixels(x.unsqueeze(1))  # [N, 1, 28, 28] is accepted too

@@ -212,3 +212,14 @@ def _toml(value) -> str:
     if isinstance(value, float):
         return repr(value)
     return json.dumps(value)
+
+
+def test_the_readme_space_example_is_a_valid_space():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Sweeps", 1)[1]
+    example = section.split("```toml", 1)[1].split("```", 1)[0]
+    space = parse_space(example, "README.md")
+    space.check(space.settings.recipe)
+    assert {p.key for p in space.search} == {"lr", "batch_size", "model_args.hidden"}

@@ -259,6 +259,9 @@ class BatchLoader:
             raise DataError(f"batch size must be positive, got {batch_size}")
         if not 0 <= rank < world:
             raise DataError(f"rank must be in [0, {world}), got {rank}")
+        if shuffle and batch_size < world:
+            raise DataError(f"a batch of {batch_size} cannot give each of {world} processes a "
+                            f"sample: use a batch size of at least {world}")
         if len(images) != len(labels):
             raise DataError(f"{len(images)} images but {len(labels)} labels")
         if images.dtype == torch.uint8:

@@ -76,9 +76,9 @@ def _without_password(url: str) -> str:
 
 
 def _driver_url(url: str) -> str:
-    """SQLAlchemy 2.1 made psycopg 3 the driver of a bare postgresql:// URL; mnistlab installs
-    psycopg2 (psycopg2-binary), so a URL that names no driver gets that one unless psycopg 3 is
-    there."""
+    """SQLAlchemy 2.1 made psycopg 3 the driver of a bare postgresql:// URL; mnistlab's postgres
+    extra installs psycopg2 (psycopg2-binary), so a URL that names no driver gets that one
+    unless psycopg 3 is there."""
     if not url.startswith("postgresql://"):
         return url
     import importlib.util
@@ -112,8 +112,8 @@ def open_storage(url: str, heartbeat: int = HEARTBEAT) -> Any:
         scheme = url.split("://", 1)[0]
         raise MnistlabError(
             f"--storage {shown_url(url)}: no database driver for {scheme!r} is installed "
-            "(PostgreSQL: psycopg2-binary comes with mnistlab; MySQL: pip install pymysql and "
-            "use mysql+pymysql://)"
+            "(PostgreSQL: pip install 'mnistlab[postgres]'; MySQL: pip install pymysql and use "
+            "mysql+pymysql://)"
         ) from None
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError,
             ValueError) as e:  # fmt: skip
