@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import click
 
@@ -82,7 +83,7 @@ def sweep() -> None:
 def run(name, space_file, recipe, trials, timeout, workers, storage, sampler, pruner, heartbeat,
         no_trial_reports, worker_id, runs_dir, root) -> None:
     """Run sweep NAME, or continue it: trials until the study has --trials of them."""
-    from ..errors import MnistlabError
+    from ..errors import Interrupted, MnistlabError
 
     if workers < 1:
         raise MnistlabError(f"--workers must be at least 1, got {workers}")
@@ -111,13 +112,18 @@ def run(name, space_file, recipe, trials, timeout, workers, storage, sampler, pr
     if worker_id is None:
         counts = tally(sw.study)
         log(f"sweep {name}: {sw.space.describe()}")
-        log(f"  {sw.settings.trials} trials ({counts.total} so far), recipe {sw.settings.recipe}, "
-            f"sampler {sw.settings.sampler}, pruner {sw.settings.pruner}; storage "
-            f"{shown_url(sw.url)}; runs in {sw.folder}/")
+        log(f"  {sw.settings.trials} trials ({counts.fresh} started before), recipe "
+            f"{sw.settings.recipe}, sampler {sw.settings.sampler}, pruner {sw.settings.pruner}; "
+            f"storage {shown_url(sw.url)}; runs in {sw.folder}/")
     notes: list[str] = []
     if workers == 1:
-        work(sw, root=root, log=log, timeout=timeout, seed_offset=worker_id or 0,
-             reports=not no_trial_reports)
+        try:
+            work(sw, root=root, log=log, timeout=timeout, seed_offset=worker_id or 0,
+                 reports=not no_trial_reports)
+        except Interrupted:
+            if worker_id is None:
+                raise
+            sys.exit(130)  # a worker of `--workers K`: the launcher says it in one line
     else:
         args = ["--runs-dir", runs_dir, "--heartbeat", str(sw.heartbeat)]
         for option, value in (("--timeout", timeout), ("--root", root)):

@@ -121,11 +121,9 @@ class Objective:
             history = Retry.retry_history(trial)
         for number in reversed(history):
             folder = self.sweep.folder / trial_name(number)
-            if (folder / ck.CHECKPOINT_NAME).is_file() and not runs.is_complete(folder):
-                try:
-                    return number, len(runs.read_metrics(folder))
-                except MnistlabError:
-                    continue
+            saved = _saved_history(folder)
+            if saved and not runs.is_complete(folder):
+                return number, len(saved)
         return None
 
     def _continue(self, trial: Any, number: int) -> Path:
@@ -145,17 +143,29 @@ class Objective:
             raise MnistlabError(f"cannot continue trial {number} in {folder}: "
                                 f"{e.strerror or e}") from None
         trial.set_user_attr("continues", number)
-        for record in runs.read_metrics(folder):
+        for record in _saved_history(folder) or []:
             trial.report(record["val_acc"], record["epoch"])
         return folder
 
     def _retry_later(self, trial: Any) -> None:
-        """Ctrl-C: queue this trial again, as a dead worker's trial is, so the next
-        `mnistlab sweep NAME` continues it from its last saved epoch."""
+        """Ctrl-C: queue this trial again, as a dead worker's trial is (the same callback), so
+        the next `mnistlab sweep NAME` continues it from its last saved epoch."""
         retry = self.sweep.storage.get_heartbeat_stale_trial_callback()
-        frozen = self.sweep.storage.get_trial(trial._trial_id)
+        frozen = next(t for t in trial.study.get_trials(deepcopy=False)
+                      if t.number == trial.number)  # fmt: skip
         with quiet_optuna():
             retry(trial.study, frozen)
+
+
+def _saved_history(folder: Path) -> list[dict[str, Any]] | None:
+    """The epochs a run folder's checkpoint holds (metrics.jsonl is written just after it)."""
+    if not (folder / ck.CHECKPOINT_NAME).is_file():
+        return None
+    try:
+        history = ck.load_torch(folder / ck.CHECKPOINT_NAME)["state"]["history"]
+    except (MnistlabError, KeyError, TypeError):
+        return None
+    return history if isinstance(history, list) else None
 
 
 def work(
