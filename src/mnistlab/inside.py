@@ -7,6 +7,7 @@ heat map lines up with the picture a person sees.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -90,7 +91,7 @@ def feature_maps(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
         else:
             break
     out: list[torch.Tensor] = []
-    handle = tap.register_forward_hook(lambda mod, inp, output: out.append(output.detach()))
+    handle = tap.register_forward_hook(_only_here(lambda output: out.append(output.detach())))
     was_training = model.training
     try:
         model.eval()
@@ -100,6 +101,18 @@ def feature_maps(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
         model.train(was_training)
     maps = out[0][0].float().cpu()
     return maps if relu else maps.clamp(min=0)
+
+
+def _only_here(record: Callable[..., None], inputs: bool = False) -> Callable[..., None]:
+    """A forward hook that records only this thread's calls: a served model is shared by
+    threads, and another request's forward pass must not land in this one's list."""
+    me = threading.get_ident()
+
+    def hook(module: nn.Module, inp: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if threading.get_ident() == me:
+            record(output, inp) if inputs else record(output)
+
+    return hook
 
 
 # --- attributions -----------------------------------------------------------------------------
@@ -275,9 +288,8 @@ def penultimate_features(
     x = as_images(images)
     layer = penultimate_layer(model)
     feats: list[torch.Tensor] = []
-    handle = layer.register_forward_hook(
-        lambda mod, inp, out: feats.append(inp[0].detach().float().flatten(1).cpu())
-    )
+    handle = layer.register_forward_hook(_only_here(
+        lambda out, inp: feats.append(inp[0].detach().float().flatten(1).cpu()), inputs=True))
     was_training = model.training
     model.eval()
     logits = []

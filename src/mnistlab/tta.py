@@ -106,3 +106,23 @@ def compare(plain: torch.Tensor, tta: torch.Tensor, labels: torch.Tensor) -> TTA
         broken=int(((p == y) & (t != y)).sum()),
         count=len(y),
     )
+
+
+def tta_scores(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, plain: torch.Tensor,
+    chunk: int = 500,
+) -> tuple[torch.Tensor, TTAChange]:
+    """(log of the TTA probabilities [N, 10], what TTA changed against `plain` scores) for a
+    model and uint8 (or [0, 1]) images; the log-probabilities serve as logits for metrics."""
+    from .inside import as_images, normalize
+
+    x = as_images(images)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            probs = tta_probabilities(lambda v: model(normalize(v.to(device))).cpu(), x, chunk)
+    finally:
+        model.train(was_training)
+    return probs.clamp(min=1e-30).log(), compare(plain, probs, labels)
