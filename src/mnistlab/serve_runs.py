@@ -94,7 +94,8 @@ def add_runs_routes(app: FastAPI, runs_dir: Path, allowed: bool,
                 "loopback address; restart it with --allow-train to allow it")
 
     def page(name: str) -> FileResponse:
-        return FileResponse(serve.STATIC / name, headers={"Content-Security-Policy": serve.PAGE_CSP})
+        return FileResponse(serve.STATIC / name,
+                            headers={"Content-Security-Policy": serve.PAGE_CSP})
 
     @app.get("/runs", include_in_schema=False)
     async def runs_page() -> FileResponse:
@@ -150,7 +151,7 @@ def add_runs_routes(app: FastAPI, runs_dir: Path, allowed: bool,
             "summary": _read_json(folder / runs.SUMMARY),
             "report": (folder / "report.html").is_file(),
             "job": job.to_dict() if job else None,
-            "log": list(job.log)[-40:] if job else [],
+            "log": list(job.log) if job else [],
             "train_allowed": allowed,
         })
 

@@ -119,14 +119,14 @@ async function details() {
 
 async function act(what) {
   $("action-status").textContent = what === "stop" ? "Stopping…" : "Resuming…";
+  if (what === "resume") {
+    delete document.body.dataset.ended;
+    delete document.body.dataset.finalAcc;
+  }
   try {
     await lab.post(`/api/runs/${encodeURIComponent(name)}/${what}`);
     $("action-status").textContent = "";
-    if (what === "resume") {
-      delete document.body.dataset.ended;
-      delete document.body.dataset.finalAcc;
-      connect();
-    }
+    if (what === "resume") connect();
   } catch (err) {
     $("action-status").textContent = `mnistlab: error: ${err.message}`;
   }
