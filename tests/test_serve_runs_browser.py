@@ -171,3 +171,23 @@ def test_why_overlay_and_embedding_map(page, server, data_root, tmp_path):
         assert int(labels[int(img.get_attribute("data-index"))]) == 4
     page.screenshot(path=str(artifacts_dir() / "confusion-cell.png"), full_page=True)
     assert page.problems == []
+
+
+def test_runs_queue_one_at_a_time(server, runs_dir):
+    import httpx
+
+    form = {"epochs": "1", "train_limit": "2000", "threads": "1"}
+    first = httpx.post(server.url + "api/runs", json=form, timeout=30)
+    second = httpx.post(server.url + "api/runs", json=form, timeout=30)
+    assert first.status_code == second.status_code == 202
+    assert first.json()["status"] == "running" and second.json()["status"] == "queued"
+    a, b = first.json()["name"], second.json()["name"]
+    listed = {r["name"]: r["status"] for r in httpx.get(server.url + "api/runs").json()["runs"]}
+    assert listed[b] == "queued" and listed[a] == "running"
+    stopped = httpx.post(server.url + f"api/runs/{b}/stop", timeout=30)
+    assert stopped.json()["status"] == "stopped"  # a queued run is dropped, never started
+    deadline = time.monotonic() + 120
+    while httpx.get(server.url + f"api/runs/{a}").json()["status"] != "complete":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert not (runs_dir / b).exists()
