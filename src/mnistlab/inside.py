@@ -19,7 +19,7 @@ from torch import nn
 from .catalog import MNIST
 from .errors import MnistlabError
 
-IG_STEPS = 32  # Riemann steps of integrated gradients: completeness within ~1% of the logit gap
+IG_STEPS = 16  # midpoint steps: the sum misses the logit gap by 0.7% (median; 32: 0.4%)
 CHUNK = 1024  # images × steps per forward pass: bounds memory for long lists
 
 
