@@ -15,9 +15,11 @@ import subprocess
 import sys
 
 import bench_best
+import bench_explain
 import bench_fast
 import bench_inference
 import bench_lab
+import bench_lrfind
 import bench_memory
 import bench_sweep
 import benchutil as bu
@@ -29,6 +31,8 @@ BENCHES = {
     "inference": bench_inference.main,
     "memory": bench_memory.main,
     "sweep": bench_sweep.main,
+    "explain": bench_explain.main,
+    "lrfind": bench_lrfind.main,
 }
 # Long benchmarks, run only when asked for (their flag, or --only); their results files stay.
 OPT_IN = ("best", "sweep")
@@ -136,6 +140,41 @@ def table(results: dict[str, dict]) -> list[str]:
             f"{found['test_acc']:.2f}%) | lab recipe {lab['val_acc']:.2f}% "
             f"(test {lab['test_acc']:.2f}%) | {found['best']['val_acc'] - lab['val_acc']:+.2f} "
             "points | reported, not targeted | – |"
+        )
+    exp = results.get("explain")
+    if exp:
+        lat, f, e = exp["latency_ms"], exp["faithfulness"], exp["embedding_seconds"]
+        rows.append(
+            f"| `/api/explain`, one digit, bundled model, ms (median of "
+            f"{lat['explain_pixels']['n']}, {exp['threads']} threads) | "
+            f"{lat['explain_pixels']['median']:.1f} ms (PNG upload "
+            f"{lat['explain_png']['median']:.1f} ms) | `/api/predict` "
+            f"{lat['predict_pixels']['median']:.1f} ms | "
+            f"{lat['explain_pixels']['median'] / lat['predict_pixels']['median']:.1f}× | "
+            f"≤ 50 ms | {yes(exp['met']['explain'])} |"
+        )
+        rows.append(
+            f"| Faithfulness of integrated gradients, {f['digits']} test digits | top 10% "
+            f"beats random for {100 * f['top_beats_random']:.1f}%; "
+            f"{100 * f['near_ink_share']:.1f}% of positive attribution within 2 px of ink | "
+            f"random ink pixels | – | ≥ 90%, ≥ 80% | {yes(exp['met']['faithful'])} |"
+        )
+        rows.append(
+            f"| Embedding map (t-SNE) of {exp['embedding_digits']:,} test digits, seconds "
+            f"(median of {e['n']}) | {e['median']:.1f} s | – | – | ≤ 10 s | "
+            f"{yes(exp['met']['embedding'])} |"
+        )
+    lrf = results.get("lrfind")
+    if lrf:
+        lrs = ", ".join(f"{r['suggested_lr']:.2g}" for r in lrf["seeds"])
+        wall = max(r["wall_seconds"] for r in lrf["seeds"])
+        auto = lrf.get("auto") or {}
+        acc = f"{auto['test_acc']:.2f}%" if auto else "not run"
+        rows.append(
+            f"| `mnistlab lr-find`, lab recipe, {len(lrf['seeds'])} seeds | suggested {lrs}; "
+            f"≤ {wall:.1f} s a command; `--lr auto` {acc} | the lab's 0.001 | – | in [3e-4, "
+            f"3e-3], ≤ 10 s, 97.2–98.2% | "
+            f"{yes(all(lrf['met'].values()))} |"
         )
     return rows
 

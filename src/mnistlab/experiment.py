@@ -155,6 +155,7 @@ def train_run(
     progress: bool = False,
     started: float | None = None,
     on_epoch: Callable[[dict[str, Any]], str | None] | None = None,
+    tensorboard: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) a run and return its summary.
 
@@ -164,13 +165,14 @@ def train_run(
     stops the run there, complete, with that reason in its summary.
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 alone logs and writes.
+    `tensorboard`: also log to TensorBoard event files under this folder (`mnistlab.tblog`).
     """
     started = time.perf_counter() if started is None else started
     group = distributed.start(cfg.device if cfg is not None else "auto")
     try:
         return _train(cfg, group, root=root, runs_dir=runs_dir, name=name, resume=resume,
                       resume_check=resume_check, log=log, progress=progress, started=started,
-                      on_epoch=on_epoch)  # fmt: skip
+                      on_epoch=on_epoch, tensorboard=tensorboard)  # fmt: skip
     finally:
         distributed.stop(group)
 
@@ -195,6 +197,7 @@ def _train(
     progress: bool,
     started: float,
     on_epoch: Callable[[dict[str, Any]], str | None] | None,
+    tensorboard: str | os.PathLike[str] | None,
 ) -> dict[str, Any]:
     main = group is None or group.main
     if not main:
@@ -207,6 +210,8 @@ def _train(
     else:
         cfg = (cfg or TrainConfig()).validate()
         run_dir = None  # created once the data and model are known to be good
+    if tensorboard is not None and not cfg.eval_test:
+        raise MnistlabError("--tensorboard shows the test set each epoch; drop --no-eval-test")
     # 0: one thread per idle core (a thread on a busy core stalls every op; see auto_threads).
     # A resumed run keeps the count it started with: CPU results depend on it, to the last bit.
     threads = cfg.threads or (resume is not None and _started_threads(run_dir)) or auto_threads(cfg)
@@ -257,9 +262,26 @@ def _train(
     log(f"Model: {cfg.model} ({count_parameters(model):,} parameters)")
 
     saved_epoch = state.epoch  # the last epoch safely on disk
+    steps_log = runs.StepLog(run_dir, keep_epochs=state.epoch) if main else None
+    board = board_test = None
+    if tensorboard is not None and main:
+        from .tblog import TensorBoardLog
+
+        board = TensorBoardLog(tensorboard, run_dir, cfg, steps_per_epoch=len(data.train))
+        # All of the test set: in a distributed run data.test is rank 0's share of it.
+        board_test = data.test if group is None else BatchLoader(
+            data.test.x, data.test.y, cfg.eval_batch_size)  # fmt: skip
+
+    def on_step(record: dict[str, Any]) -> None:
+        if steps_log is not None:
+            steps_log(record)
+        if board is not None:
+            board.step(record)
 
     def save(state: FitState) -> None:
         nonlocal saved_epoch
+        if board is not None:
+            board.epoch(state.history[-1], model, board_test)
         fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(FitState)}
         fields.pop("best_state")
         rng_ranks = group.gather(torch.get_rng_state()) if group is not None else None
@@ -318,13 +340,18 @@ def _train(
             log=log,
             progress=progress,
             reduce=reduce,
+            on_step=on_step,
         )
     except KeyboardInterrupt:
+        if board is not None:
+            board.close()  # what was logged so far stays readable
         raise Interrupted(
             f"interrupted; {run_dir or 'the run'} is saved after epoch {saved_epoch}/{cfg.epochs}. "
             f"Resume with: {_resume_hint(run_dir, group)}"
         ) from None
     except Exception as e:
+        if board is not None:
+            board.close()
         if group is None or not distributed.is_peer_failure(e):
             raise
         raise MnistlabError(
@@ -332,9 +359,15 @@ def _train(
             f"({distributed._first_line(e)}); {run_dir or 'the run'} is saved after epoch "
             f"{saved_epoch}/{cfg.epochs}. Resume with: {_resume_hint(run_dir, group)}"
         ) from None
+    except BaseException:
+        if board is not None:
+            board.close()
+        raise
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        if steps_log is not None:
+            steps_log.close()
 
     test_loss = test_acc = None
     if data.test is None:
@@ -375,6 +408,9 @@ def _train(
         raise MnistlabError(
             f"{e}. Every epoch is saved; once fixed, finish with: mnistlab train --resume {run_dir}"
         ) from None
+    if board is not None:
+        board.finish(summary, model, board_test)
+        log(f"TensorBoard: {board.path} (tensorboard --logdir {tensorboard})")
     if test_acc is not None:
         log(f"Final test accuracy: {test_acc:.2f}% (loss {test_loss:.4f}) in {seconds:.1f}s")
     else:

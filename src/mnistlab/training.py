@@ -26,6 +26,9 @@ from .optim import FusedAdam
 Log = Callable[[str], None]
 # Sums a float64 tensor of running totals over the processes of a distributed run, in place.
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+# Called at each progress line with {"step", "steps", "loss", "acc"} (the interval's numbers);
+# fit adds "epoch". The run folder's steps.jsonl and TensorBoard's step scalars come from here.
+StepHook = Callable[[dict[str, Any]], None]
 # torch's own choice (physical cores, or $OMP_NUM_THREADS), before anyone lowers it.
 DEFAULT_THREADS = torch.get_num_threads()
 
@@ -192,6 +195,7 @@ def train_epoch(
     ema: torch.optim.swa_utils.AveragedModel | None = None,
     mlp_step: bool = True,
     reduce: Reduce | None = None,
+    on_log: StepHook | None = None,
 ) -> tuple[float, float]:
     """One pass over `loader`; returns (mean loss, accuracy in %).
 
@@ -247,6 +251,9 @@ def train_epoch(
                     f"Step {step}/{steps} - Loss: {int_loss / int_seen:.3f} | "
                     f"Acc: {100.0 * int_correct / int_seen:.2f}%"
                 )
+            if on_log is not None and int_seen:
+                on_log({"step": step, "steps": steps, "loss": int_loss / int_seen,
+                        "acc": 100.0 * int_correct / int_seen})
             total_loss += int_loss
             total_correct += int_correct
             total_seen += int_seen
@@ -334,6 +341,10 @@ class FitState:
     ema_state: dict[str, torch.Tensor] | None = None  # the weight average, with cfg.ema
 
 
+def _with_epoch(hook: StepHook, epoch: int) -> StepHook:
+    return lambda record: hook({"epoch": epoch, **record})
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -348,6 +359,7 @@ def fit(
     log: Log = print,
     progress: bool = False,
     reduce: Reduce | None = None,
+    on_step: StepHook | None = None,
 ) -> FitState:
     """Train for `cfg.epochs`, evaluating after every epoch; early-stop on validation loss.
 
@@ -356,6 +368,7 @@ def fit(
     `on_epoch_end` sees the state after each epoch; if it returns True the fit stops there
     (it sets `state.stop_reason`). `model` may be a DistributedDataParallel wrapper; `reduce`
     then sums metrics over its processes.
+    `on_step` gets each progress line's numbers, with the epoch.
     """
     state = state or FitState()
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -404,6 +417,7 @@ def fit(
             ema=ema,
             mlp_step=cfg.mlp_step,
             reduce=reduce,
+            on_log=None if on_step is None else _with_epoch(on_step, epoch + 1),
         )
         if ema is not None:
             state.ema_state = ema.state_dict()

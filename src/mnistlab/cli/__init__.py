@@ -27,6 +27,7 @@ COMMANDS = {
     "runs": "report:runs",
     "compare": "report:compare",
     "sweep": "sweep:sweep",
+    "lr-find": "lrfind:lr_find",
 }
 
 
@@ -66,6 +67,7 @@ HELP = {
     "runs": "Table of runs, newest first.",
     "compare": "Several runs side by side: curves overlaid, final metrics in one table.",
     "sweep": "Hyperparameter sweeps on Optuna (SQLite or a database), each trial a run.",
+    "lr-find": "The learning-rate range test: plot and a suggested learning rate.",
 }
 
 
@@ -85,6 +87,14 @@ def fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
+def error_message(e: click.ClickException) -> str:
+    """The one line (after `mnistlab: error: `) that the command line prints for `e`."""
+    text = e.format_message().replace("\n", " ")
+    if isinstance(e, click.UsageError) and e.ctx is not None:
+        text += f" (see `{e.ctx.command_path} --help`)"
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         args = list(argv) if argv is not None else sys.argv[1:]
@@ -97,11 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(e))
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.UsageError as e:
-        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
-        fail(e.format_message().replace("\n", " ") + where, e.exit_code)
     except click.ClickException as e:
-        fail(e.format_message().replace("\n", " "), e.exit_code)
+        fail(error_message(e), e.exit_code)
     except click.exceptions.Abort:
         fail("aborted", 130)
     except KeyboardInterrupt:

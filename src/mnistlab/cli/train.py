@@ -15,7 +15,8 @@ from .options import root_option
 FIELD_HELP = {
     "model": "Model name (see `mnistlab models`). Default: mlp.",
     "optimizer": "adam, adamw, sgd or rmsprop. Default: adam.",
-    "lr": "Learning rate. Default: 0.001.",
+    "lr": "Learning rate, or `auto`: the suggestion of `mnistlab lr-find` on this config. "
+    "Default: 0.001.",
     "weight_decay": "Weight decay. Default: 0.",
     "momentum": "Momentum for sgd and rmsprop. Default: 0.",
     "nesterov": "Nesterov momentum for sgd.",
@@ -49,6 +50,20 @@ FIELD_HELP = {
 SKIP = {"recipe", "model_args"}
 
 
+class LearningRate(click.ParamType):
+    """A float, or `auto` (the learning-rate finder's suggestion)."""
+
+    name = "float|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) or value == "auto":
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number or 'auto'", param, ctx)
+
+
 def _config_options(func):
     from ..config import TrainConfig
 
@@ -61,6 +76,7 @@ def _config_options(func):
             )(func)
         else:
             help_text = FIELD_HELP.get(f.name, "")
+            kind = LearningRate() if f.name == "lr" else kind
             func = click.option(flag, f.name, type=kind, default=None, help=help_text)(func)
     return func
 
@@ -90,16 +106,23 @@ def _config_options(func):
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object.")
 @click.option("--no-progress", is_flag=True, help="No progress bar, even on a terminal.")
 @click.option("--no-report", is_flag=True, help="Do not write <run>/report.html at the end.")
+@click.option(
+    "--tensorboard",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Also log to TensorBoard under DIR/<run name> (needs the extra `tensorboard`).",
+)
 @root_option
 def train(recipe, config_file, model_args, nproc, name, runs_dir, resume, as_json, no_progress,
-          no_report, root, **flags) -> None:
+          no_report, tensorboard, root, **flags) -> None:
     """Train a model; every run leaves a self-describing folder under runs/.
 
     Under torchrun (`torchrun --nproc-per-node N -m mnistlab train ...`) or with --nproc N, each
     process trains on its share of every batch; rank 0 alone prints and writes the run folder.
     """
     from .. import distributed
-    from ..config import parse_model_args, read_config_file, resolve_config
+    from ..config import parse_model_args
     from ..errors import MnistlabError
     from ..experiment import train_run
 
@@ -113,26 +136,39 @@ def train(recipe, config_file, model_args, nproc, name, runs_dir, resume, as_jso
         if main_rank:
             click.echo(line, err=as_json)
 
-    extra_args = parse_model_args(model_args)
+    if tensorboard is not None:
+        from ..tblog import check_available
+
+        check_available()
+    auto_lr = flags.get("lr") == "auto"
+    if auto_lr and resume is not None:
+        raise MnistlabError("--lr auto chooses the rate of a new run; a resumed run keeps its own "
+                            "(drop --lr)")
     if resume is not None:
         if config_file is not None:
             raise MnistlabError("--resume continues a run with its own config; drop --config")
         asked = {k: v for k, v in flags.items() if v is not None}
         if recipe is not None:
             asked["recipe"] = recipe
+        extra_args = parse_model_args(model_args)
         if extra_args:
             asked["model_args"] = extra_args
         cfg = None
     else:
-        file_values = read_config_file(config_file) if config_file is not None else None
-        cfg = resolve_config(recipe, config=file_values, model_args=extra_args, **flags)
+        cfg = resolve_flags({"recipe": recipe, "config_file": config_file,
+                             "model_args": model_args, **flags})  # fmt: skip
+        if auto_lr:
+            cfg = _find_lr(cfg, root, log)
         asked = {}
         if not launching:
             log("Config: " + json.dumps(cfg.to_dict()))
     if launching:
         ctx = click.get_current_context()
-        argv = (ctx.find_root().obj or {}).get("argv") or sys.argv[1:]
-        distributed.launch(nproc, distributed.without_option(argv, "--nproc"), resume=resume)
+        argv = distributed.without_option((ctx.find_root().obj or {}).get("argv")
+                                          or sys.argv[1:], "--nproc")  # fmt: skip
+        if auto_lr:  # every rank trains with the rate found once, here
+            argv = [*distributed.without_option(argv, "--lr"), "--lr", repr(cfg.lr)]
+        distributed.launch(nproc, argv, resume=resume)
         return
     summary = train_run(
         cfg,
@@ -144,6 +180,7 @@ def train(recipe, config_file, model_args, nproc, name, runs_dir, resume, as_jso
         log=log,
         progress=sys.stderr.isatty() and not no_progress,
         started=started,
+        tensorboard=tensorboard,
     )
     if not main_rank:
         return
@@ -158,3 +195,39 @@ def train(recipe, config_file, model_args, nproc, name, runs_dir, resume, as_jso
             log(f"warning: no report ({e}); try `mnistlab report {summary['run_dir']}`")
     if as_json:
         click.echo(json.dumps(summary))
+
+
+def resolve_flags(params: dict):
+    """The checked TrainConfig of a new run from parsed `train` parameters: the recipe, then
+    `config_file` (--config), then the flags, with `model_args` (--model-arg KEY=VALUE) over
+    the model arguments (`--lr auto` checked with the recipe's rate: the finder replaces it)."""
+    from ..config import TrainConfig, parse_model_args, read_config_file, resolve_config
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - SKIP
+    flags = {k: v for k, v in params.items() if k in fields}
+    if flags.get("lr") == "auto":
+        flags["lr"] = None
+    path = params.get("config_file")
+    return resolve_config(params.get("recipe"), config=read_config_file(path) if path else None,
+                          model_args=parse_model_args(params.get("model_args") or ()),
+                          **flags)  # fmt: skip
+
+
+def _find_lr(cfg, root, log):
+    """`--lr auto`: the config with the learning-rate finder's suggestion as its rate."""
+    import dataclasses
+
+    import torch
+
+    from ..lrfind import lr_find
+    from ..training import auto_threads
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or auto_threads(cfg))
+    try:
+        found = lr_find(cfg, root)
+    finally:
+        torch.set_num_threads(previous)
+    log(f"lr-find: suggested lr {found.suggested_lr:.3g} after {len(found.lrs)} steps "
+        f"({found.stopped}, {found.seconds:.1f}s); rule: {found.rule}")
+    return dataclasses.replace(cfg, lr=found.suggested_lr).validate()

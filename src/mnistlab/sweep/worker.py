@@ -29,7 +29,8 @@ from .study import Sweep, is_retry, is_surplus, quiet_optuna, tally
 
 Log = Callable[[str], None]
 # What a retry copies from the dead trial's folder to continue where it stopped.
-RESUME_FILES = (runs.CONFIG, runs.ENVIRONMENT, runs.METRICS, ck.CHECKPOINT_NAME, ck.BEST_NAME)
+RESUME_FILES = (runs.CONFIG, runs.ENVIRONMENT, runs.METRICS, runs.STEPS, ck.CHECKPOINT_NAME,
+                ck.BEST_NAME)
 WORKER_ENV = "MNISTLAB_SWEEP_STORAGE"  # the storage URL, passwords included, for workers
 
 
