@@ -24,8 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 KILL_SPACE = """
 [fixed]
-epochs = 2
-train_limit = 7200
+epochs = 3
+train_limit = 6000
 threads = 1
 [search]
 lr = { low = 1e-4, high = 1e-2, log = true }
@@ -47,8 +47,8 @@ def sweep_cmd(*args: object) -> list[str]:
 
 
 def kill_a_worker_mid_trial(tmp_path: Path, url: str, storage: list[str]) -> dict:
-    """Run a 3-trial study on two workers, SIGKILL the worker of the first trial that has a
-    saved epoch (of two), let the other finish; what happened."""
+    """Run a 3-trial study on two workers, SIGKILL the worker of the first trial caught with
+    a saved epoch and one under way, let the other finish; what happened."""
     space = tmp_path / "space.toml"
     space.write_text(KILL_SPACE)
     runs_dir = tmp_path / "runs"
@@ -57,33 +57,32 @@ def kill_a_worker_mid_trial(tmp_path: Path, url: str, storage: list[str]) -> dic
                   "--no-trial-reports", "--runs-dir", runs_dir, *storage),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    killed = target = None
+    killed = study = None
     deadline = time.monotonic() + 120
     try:
-        while target is None and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)  # the first trial to start, and its worker's pid
-            try:
-                trials = load(url, "kills").get_trials(deepcopy=False)
-            except Exception:  # the study is not made yet
-                continue
-            running = [t for t in trials if t.state.name == "RUNNING" and "worker" in t.user_attrs]
-            if running:
-                target = (running[0].number, int(running[0].user_attrs["worker"].rsplit(":")[1]))
-        folder = runs_dir / "kills" / f"trial-{target[0]}" if target else None
-        while target and killed is None and time.monotonic() < deadline:
-            epoch_one = runs.read_metrics(folder)  # written just after the epoch's checkpoint
-            if len(epoch_one) == 1:
-                os.kill(target[1], signal.SIGKILL)
-                killed = target
-            elif epoch_one:
-                break  # the trial outran us
+        while killed is None and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.01)
+            if study is None:
+                try:  # one storage for the whole watch: opening one costs a schema check
+                    study = load(url, "kills")
+                except Exception:  # the study is not made yet
+                    time.sleep(0.2)
+                    continue
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                if "worker" not in t.user_attrs:
+                    continue
+                saved = runs.read_metrics(runs_dir / "kills" / f"trial-{t.number}")
+                if 1 <= len(saved) < 3:  # a saved epoch, and one under way
+                    os.kill(int(t.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+                    killed = (t.number, int(t.user_attrs["worker"].rsplit(":", 1)[1]))
+                    epochs_saved = saved
+                    break
         out, err = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert killed is not None, "no trial reached a saved epoch to kill it in"
-    return {"proc": proc, "out": out, "err": err, "killed": killed, "epoch_one": epoch_one,
+    return {"proc": proc, "out": out, "err": err, "killed": killed, "saved": epochs_saved,
             "study": load(url, "kills"), "folder": runs_dir / "kills"}  # fmt: skip
 
 
@@ -109,8 +108,8 @@ def assert_every_trial_accounted_for(r: dict) -> None:
     # training it again (its first record is the killed trial's, timing included).
     assert retry.user_attrs["continues"] == number
     retry_history = runs.read_metrics(r["folder"] / f"trial-{retry.number}")
-    assert retry_history[0] == r["epoch_one"][0]
-    assert [rec["epoch"] for rec in retry_history] == [1, 2]
+    assert retry_history[: len(r["saved"])] == r["saved"]
+    assert [rec["epoch"] for rec in retry_history] == [1, 2, 3]
     assert retry.intermediate_values == {rec["epoch"]: rec["val_acc"] for rec in retry_history}
     # Every finished trial is a complete run folder; the killed one stays incomplete.
     for t in trials:
