@@ -26,6 +26,7 @@ COMMANDS = {
     "report": "report:report",
     "runs": "report:runs",
     "compare": "report:compare",
+    "doctor": "doctor:doctor",
 }
 
 
@@ -64,6 +65,7 @@ HELP = {
     "report": "One self-contained HTML report of a run: curves, metrics, figures.",
     "runs": "Table of runs, newest first.",
     "compare": "Several runs side by side: curves overlaid, final metrics in one table.",
+    "doctor": "The hardware, torch, what auto decides and why, the data and the bundled model.",
 }
 
 
