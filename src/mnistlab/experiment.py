@@ -172,6 +172,7 @@ def train_run(
     for warning in execution.warnings:
         log(warning)
     torch.set_num_threads(execution.threads.value)
+    allocator = hardware.keep_freed_memory()
     device = torch.device(execution.device.value)
     log(hardware.hardware_line(hw, execution))
     if on_plan is not None:
@@ -189,7 +190,8 @@ def train_run(
         try:
             runs.write_json(run_dir, runs.CONFIG, cfg.to_dict())
             runs.write_json(run_dir, runs.ENVIRONMENT, runs.environment(
-                str(device), hardware=hw.to_dict(), execution=execution.to_dict()))
+                str(device), hardware=hw.to_dict(), execution=execution.to_dict(),
+                allocator=allocator))
         except MnistlabError:
             shutil.rmtree(run_dir, ignore_errors=True)  # a folder without its config is no run
             raise
