@@ -23,9 +23,11 @@ import sys
 from pathlib import Path
 
 import bench_best
+import bench_explain
 import bench_fast
 import bench_inference
 import bench_lab
+import bench_lrfind
 import bench_main
 import bench_memory
 import bench_serve
@@ -40,6 +42,8 @@ BENCHES = {
     "inference": bench_inference.main,
     "serve": bench_serve.main,
     "memory": bench_memory.main,
+    "explain": bench_explain.main,
+    "lrfind": bench_lrfind.main,
 }
 SLOW = {"best"}  # run only with --best (or --only)
 COMPARABLE = {"main", "serve"}  # take --compare-with SRC
@@ -157,6 +161,41 @@ def _legacy_rows(results: dict[str, dict]) -> list[str]:
             f"| Peak RSS of a lab-recipe run (max of {ours['n']}) | {ours['max']:.0f} MiB | "
             f"{ref['median']:.0f} MiB (lab-style, 1 epoch) | {ours['max'] / ref['median']:.2f}× "
             f"| ≤ 1024 MiB | {yes(mem['met'])} |"
+        )
+    exp = results.get("explain")
+    if exp:
+        lat, f, e = exp["latency_ms"], exp["faithfulness"], exp["embedding_seconds"]
+        rows.append(
+            f"| `/api/explain`, one digit, bundled model, ms (median of "
+            f"{lat['explain_pixels']['n']}, {exp['threads']} threads) | "
+            f"{lat['explain_pixels']['median']:.1f} ms (PNG upload "
+            f"{lat['explain_png']['median']:.1f} ms) | `/api/predict` "
+            f"{lat['predict_pixels']['median']:.1f} ms | "
+            f"{lat['explain_pixels']['median'] / lat['predict_pixels']['median']:.1f}× | "
+            f"≤ 50 ms | {yes(exp['met']['explain'])} |"
+        )
+        rows.append(
+            f"| Faithfulness of integrated gradients, {f['digits']} test digits | top 10% "
+            f"beats random for {100 * f['top_beats_random']:.1f}%; "
+            f"{100 * f['near_ink_share']:.1f}% of positive attribution within 2 px of ink | "
+            f"random ink pixels | – | ≥ 90%, ≥ 80% | {yes(exp['met']['faithful'])} |"
+        )
+        rows.append(
+            f"| Embedding map (t-SNE) of {exp['embedding_digits']:,} test digits, seconds "
+            f"(median of {e['n']}) | {e['median']:.1f} s | – | – | ≤ 10 s | "
+            f"{yes(exp['met']['embedding'])} |"
+        )
+    lrf = results.get("lrfind")
+    if lrf:
+        lrs = ", ".join(f"{r['suggested_lr']:.2g}" for r in lrf["seeds"])
+        wall = max(r["wall_seconds"] for r in lrf["seeds"])
+        auto = lrf.get("auto") or {}
+        acc = f"{auto['test_acc']:.2f}%" if auto else "not run"
+        rows.append(
+            f"| `mnistlab lr-find`, lab recipe, {len(lrf['seeds'])} seeds | suggested {lrs}; "
+            f"≤ {wall:.1f} s a command; `--lr auto` {acc} | the lab's 0.001 | – | in [3e-4, "
+            f"3e-3], ≤ 10 s, 97.2–98.2% | "
+            f"{yes(all(lrf['met'].values()))} |"
         )
     return rows
 

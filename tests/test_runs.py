@@ -31,6 +31,7 @@ RUN_FILES = {
     "config.json",
     "environment.json",
     "metrics.jsonl",
+    "steps.jsonl",
     "checkpoint.pt",
     "best.pt",
     "model.pt",
@@ -270,7 +271,8 @@ def test_a_disk_that_fills_mid_save_keeps_the_previous_checkpoint(
     assert torch.load(run / "checkpoint.pt", weights_only=True)["state"]["epoch"] == 1
     assert len(runs.read_metrics(run)) == 1
     assert {p.name for p in run.iterdir()} == {"config.json", "environment.json",
-                                               "metrics.jsonl", "checkpoint.pt"}  # fmt: skip
+                                               "metrics.jsonl", "steps.jsonl",
+                                               "checkpoint.pt"}  # fmt: skip
 
     # Space freed: the run resumes and ends exactly where an unfailing run ends.
     monkeypatch.setattr(torch, "save", real_save)
@@ -368,3 +370,22 @@ def test_evaluate_refuses_weights_of_another_architecture(finished, tmp_path, ca
 def test_evaluate_missing_source(tmp_path, capsys):
     code, _, err = invoke(capsys, "evaluate", tmp_path / "nothing-here", "--runs-dir", tmp_path)
     assert_clean_error(code, err, "nothing-here")
+
+
+def test_step_log_appends_lines_and_a_resume_drops_unsaved_epochs(tmp_path):
+    log = runs.StepLog(tmp_path)
+    for epoch in (1, 2):
+        for step in (10, 20):
+            log({"epoch": epoch, "step": step, "steps": 20, "loss": 0.5, "acc": 90.0})
+    log.close()
+    seen = runs.read_steps(tmp_path)
+    assert [(r["epoch"], r["step"]) for r in seen] == [(1, 10), (1, 20), (2, 10), (2, 20)]
+    assert all(isinstance(r["time"], float) for r in seen)
+    with open(tmp_path / runs.STEPS, "a") as f:
+        f.write('{"epoch": 3, "st')  # a line torn by a kill
+    assert len(runs.read_steps(tmp_path)) == 4
+    again = runs.StepLog(tmp_path, keep_epochs=1)  # resuming after epoch 1
+    again({"epoch": 2, "step": 10, "steps": 20, "loss": 0.4, "acc": 91.0})
+    again.close()
+    assert [(r["epoch"], r["step"], r["loss"]) for r in runs.read_steps(tmp_path)] == [
+        (1, 10, 0.5), (1, 20, 0.5), (2, 10, 0.4)]

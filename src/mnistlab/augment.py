@@ -52,11 +52,20 @@ class RandomAffine:
         theta[:, 1, 1] = s * (cos + torch.tan(shear) * sin)
         theta[:, 0, 2] = uniform(2 * self.translate)  # grid coordinates span [-1, 1]: width 2
         theta[:, 1, 2] = uniform(2 * self.translate)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        shifted = x.float() - self.background
-        out = F.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros",
-                            align_corners=False)
-        return (out + self.background).to(x.dtype)
+        return warp(x, theta, self.background)
+
+
+def warp(x: torch.Tensor, theta: torch.Tensor, background: float = BACKGROUND) -> torch.Tensor:
+    """Each image of `x` [N, C, H, W] resampled through its 2×3 affine `theta` [N, 2, 3]
+    (output → input grid coordinates in [-1, 1]), in one grid_sample; `background` fills in."""
+    return resample(x, F.affine_grid(theta, list(x.shape), align_corners=False), background)
+
+
+def resample(x: torch.Tensor, grid: torch.Tensor, background: float = BACKGROUND) -> torch.Tensor:
+    """`x` [N, C, H, W] bilinearly sampled at `grid` [N, H, W, 2]; `background` fills in."""
+    shifted = x.float() - background
+    out = F.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (out + background).to(x.dtype)
 
 
 def make_augmentation(name: str, **kwargs: float) -> RandomAffine | None:

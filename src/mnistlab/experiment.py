@@ -148,12 +148,14 @@ def train_run(
     log: Callable[[str], None] = print,
     progress: bool = False,
     started: float | None = None,
+    tensorboard: str | os.PathLike[str] | None = None,
     on_plan: Callable[[hardware.Hardware, hardware.Execution], None] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) a run and return its summary.
 
     Resuming takes the run's saved config; `resume_check` holds settings the caller asked for,
     which must match it. `started` is the perf_counter reading when the command's work began.
+    `tensorboard`: also log to TensorBoard event files under this folder (`mnistlab.tblog`).
     `on_plan` is told the machine and the execution decided for it, before training starts.
     """
     started = time.perf_counter() if started is None else started
@@ -206,9 +208,22 @@ def train_run(
     log(f"Model: {cfg.model} ({count_parameters(model):,} parameters)")
 
     saved_epoch = state.epoch  # the last epoch safely on disk
+    steps_log = runs.StepLog(run_dir, keep_epochs=state.epoch)
+    board = None
+    if tensorboard is not None:
+        from .tblog import TensorBoardLog
+
+        board = TensorBoardLog(tensorboard, run_dir, cfg, steps_per_epoch=len(data.train))
+
+    def on_step(record: dict[str, Any]) -> None:
+        steps_log(record)
+        if board is not None:
+            board.step(record)
 
     def save(state: FitState) -> None:
         nonlocal saved_epoch
+        if board is not None:
+            board.epoch(state.history[-1], model, data.test)
         fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(FitState)}
         fields.pop("best_state")
         try:
@@ -254,16 +269,24 @@ def train_run(
             on_epoch_end=save,
             log=log,
             progress=progress,
+            on_step=on_step,
             execution=execution,
         )
     except KeyboardInterrupt:
+        if board is not None:
+            board.close()  # what was logged so far stays readable
         raise MnistlabError(
             f"interrupted; {run_dir} is saved after epoch {saved_epoch}/{cfg.epochs}. "
             f"Resume with: mnistlab train --resume {run_dir}"
         ) from None
+    except BaseException:
+        if board is not None:
+            board.close()
+        raise
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        steps_log.close()
 
     if cfg.early_stop and state.best_state is not None:
         test_loss, test_acc = evaluate(model, data.test)  # the restored best weights
@@ -297,6 +320,9 @@ def train_run(
         raise MnistlabError(
             f"{e}. Every epoch is saved; once fixed, finish with: mnistlab train --resume {run_dir}"
         ) from None
+    if board is not None:
+        board.finish(summary, model, data.test)
+        log(f"TensorBoard: {board.path} (tensorboard --logdir {tensorboard})")
     log(f"Final test accuracy: {test_acc:.2f}% (loss {test_loss:.4f}) in {seconds:.1f}s")
     log(f"Saved {run_dir / ck.WEIGHTS_NAME}")
     return summary

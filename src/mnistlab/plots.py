@@ -214,6 +214,23 @@ def _predicted(predictions: Any) -> np.ndarray:
     return (p.argmax(1) if p.ndim == 2 else p).astype(np.int64)
 
 
+def _grid(n: int, cols: int | None, size: tuple[float, float]) -> tuple[Figure, list[Axes]]:
+    cols = max(1, min(n, cols or math.ceil(math.sqrt(n))))
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(cols * size[0], rows * size[1]), squeeze=False
+    )
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.remove()
+    return fig, flat[:n]
+
+
+def _no_ticks(ax: Axes) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 @dataclass
 class Mosaic:
     """Images tiled into one array for one axes: tile k's top-left corner is at `corner(k)`."""
@@ -426,4 +443,158 @@ def plot_calibration(
     ax_count.set_xlabel("Confidence (top-1 probability)")
     ax_count.set_ylabel("Predictions")
     fig.subplots_adjust(left=0.13, right=0.96, bottom=0.08, top=0.95, hspace=0.08)
+    return fig
+
+
+# --- inside the model (mnistlab.inside) and the learning-rate finder ---------------------------
+
+
+def _symmetric(values: np.ndarray) -> float:
+    """A colour range centred on 0: the largest magnitude (1.0 for an all-zero array)."""
+    top = float(np.abs(values).max()) if values.size else 0.0
+    return top if top > 0 else 1.0
+
+
+def _mosaic(tiles: np.ndarray, cols: int, gap: int = 1, fill: float = np.nan) -> np.ndarray:
+    """[n, h, w] tiles laid out in rows of `cols`, `gap` pixels of `fill` between them."""
+    n, h, w = tiles.shape
+    rows = max(1, math.ceil(n / cols))
+    out = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap), fill, dtype=np.float32)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        out[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = tile
+    return out
+
+
+def _tile_numbers(ax: Axes, n: int, cols: int, h: int, w: int, gap: int = 1) -> None:
+    for i in range(n):
+        r, c = divmod(i, cols)
+        ax.text(c * (w + gap) + 0.5, r * (h + gap) + 0.5, str(i), fontsize=6, va="top",
+                ha="left", color="black", alpha=0.7)
+
+
+def plot_first_layer(weights: torch.Tensor | np.ndarray, kind: str = "linear",
+                     title: str | None = None, max_units: int = 64) -> Figure:
+    """A first layer's weights as images: red excites, blue inhibits (each tile on its own
+    symmetric scale). Linear layers show 28×28 templates, convolutions k×k filters.
+
+    One image of all tiles (a subplot per unit costs ~20 ms each to draw)."""
+    w = _numpy(weights).astype(np.float32)[:max_units]
+    n, h, wd = w.shape
+    scaled = w / np.maximum(np.abs(w).reshape(n, -1).max(1), 1e-12)[:, None, None]
+    cols = 10 if n == 10 else min(16, max(1, math.ceil(math.sqrt(n))))
+    mosaic = _mosaic(scaled, cols)
+    rows = mosaic.shape[0] / (h + 1)
+    fig, ax = plt.subplots(figsize=(min(12.0, 0.9 * cols + 1), 0.9 * rows + 0.9))
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")
+    ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
+    if h >= 10:  # numbers would hide a small filter
+        _tile_numbers(ax, n, cols, h, wd)
+    _no_ticks(ax)
+    what = "28×28 weights per unit" if kind == "linear" else "filters of the first convolution"
+    shown = f" (the first {n})" if n == max_units else ""
+    ax.set_title(title or f"First layer: {n} {what}{shown}; red excites, blue inhibits")
+    fig.tight_layout()
+    return fig
+
+
+def plot_feature_maps(image: torch.Tensor | np.ndarray, maps: torch.Tensor | np.ndarray,
+                      label: int | None = None, max_maps: int = 32) -> Figure:
+    """One digit and what each first-layer filter of a convnet answered to it."""
+    img = _numpy(image).astype(np.float32).reshape(28, 28)
+    m = _numpy(maps).astype(np.float32)[:max_maps]
+    n = len(m)
+    scaled = m / np.maximum(m.reshape(n, -1).max(1), 1e-6)[:, None, None]
+    cols = min(8, n)
+    fig, (ax_in, ax) = plt.subplots(1, 2, figsize=(11, 3.2),
+                                    gridspec_kw={"width_ratios": [1, 2.6]})
+    ax_in.imshow(img, cmap="gray", vmin=0, vmax=1)
+    ax_in.set_title("input" if label is None else f"input (a {label})")
+    cmap = plt.get_cmap("magma").with_extremes(bad="white")
+    ax.imshow(_mosaic(scaled, cols), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(f"Feature maps of the first convolution ({n} channels; brighter: stronger)")
+    for a_ in (ax_in, ax):
+        _no_ticks(a_)
+    fig.tight_layout()
+    return fig
+
+
+def saliency_rgba(image: np.ndarray, attribution: np.ndarray) -> np.ndarray:
+    """[28, 28, 4] RGBA: the digit as light grey ink on white, under a heat map whose colour is
+    the sign (red raises the score, blue lowers it) and whose opacity is the magnitude."""
+    lim = _symmetric(attribution)
+    heat = plt.get_cmap("RdBu_r")(np.clip(attribution / lim, -1, 1) * 0.5 + 0.5)
+    strength = np.clip(np.abs(attribution) / lim, 0, 1)[..., None] ** 0.7
+    ink = (1.0 - 0.3 * np.clip(image, 0, 1))[..., None]
+    rgb = strength * heat[..., :3] + (1 - strength) * ink
+    return np.concatenate([rgb, np.ones_like(ink)], axis=-1)
+
+
+def plot_saliency(images: torch.Tensor | np.ndarray, attributions: torch.Tensor | np.ndarray,
+                  labels: Sequence[int], predictions: Sequence[int], cols: int = 6) -> Figure:
+    """Digits with their integrated-gradients heat maps: red pixels raised the predicted digit's
+    score, blue ones lowered it; the digit shows through in grey."""
+    x = _numpy(images).astype(np.float32).reshape(-1, 28, 28)
+    a = _numpy(attributions).astype(np.float32).reshape(-1, 28, 28)
+    fig, axes = _grid(len(x), cols, (1.7, 1.9))
+    for ax, img, att, y, p in zip(axes, x, a, labels, predictions, strict=True):
+        ax.imshow(saliency_rgba(img, att), interpolation="nearest")
+        wrong = int(y) != int(p)
+        ax.set_title(f"pred {int(p)} / true {int(y)}", fontsize=8,
+                     color="red" if wrong else "black")
+        _no_ticks(ax)
+    fig.suptitle("Why? Integrated gradients from a black image (red: for the prediction, "
+                 "blue: against)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_embedding(xy: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+                   title: str | None = None) -> Figure:
+    """t-SNE map of test digits coloured by true label; mistakes ringed in black."""
+    xy = np.asarray(xy)
+    y = np.asarray(labels)
+    p = np.asarray(predictions)
+    fig, ax = plt.subplots(figsize=(8, 7))
+    cmap = plt.get_cmap("tab10")
+    for d in range(10):
+        sel = y == d
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, color=cmap(d), label=str(d), linewidths=0)
+    wrong = y != p
+    ax.scatter(xy[wrong, 0], xy[wrong, 1], s=40, facecolors="none", edgecolors="black",
+               linewidths=1.0, label=f"mistake ({int(wrong.sum())})")
+    for d in range(10):  # each digit's label at its cluster's median
+        sel = y == d
+        if sel.any():
+            cx, cy = np.median(xy[sel], axis=0)
+            ax.text(cx, cy, str(d), fontsize=14, fontweight="bold", ha="center", va="center",
+                    color=cmap(d), bbox={"facecolor": "white", "alpha": 0.7, "lw": 0})
+    _no_ticks(ax)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), markerscale=2, fontsize="small")
+    ax.set_title(title or f"Embedding map: t-SNE of {len(xy):,} test digits' penultimate "
+                 "features")
+    fig.tight_layout()
+    return fig
+
+
+def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggested: float,
+                 raw: Sequence[float] | None = None, rule: str = "") -> Figure:
+    """The learning-rate range test: smoothed loss against lr (log scale), the suggestion
+    marked."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if raw is not None:
+        ax.plot(lrs, raw, color="tab:gray", alpha=0.35, lw=0.8, label="loss per step")
+    ax.plot(lrs, losses, color="tab:blue", lw=2, label="smoothed loss")
+    ax.axvline(suggested, color="tab:red", ls="--", label=f"suggested lr {suggested:.2g}")
+    finite = np.asarray([v for v in losses if math.isfinite(v)], dtype=float)
+    if finite.size:
+        low, start = float(finite.min()), float(finite[0])
+        ax.set_ylim(max(0.0, low - 0.1 * (start - low)), max(start, low) * 1.3 + 1e-3)
+    ax.set_xscale("log")
+    ax.set_xlabel("Learning rate (log scale)")
+    ax.set_ylabel("Training loss")
+    ax.set_title("Learning-rate finder" + (f"\n{rule}" if rule else ""), fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
     return fig

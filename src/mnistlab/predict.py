@@ -285,25 +285,29 @@ class Predictor:
         """The 28×28 image in [0, 1] the model sees for `source` (ImageError, NoInkError)."""
         return to_mnist(open_image(source))
 
-    def predict(self, images: ImageSource | Sequence[ImageSource]) -> Predictions:
+    def predict(
+        self, images: ImageSource | Sequence[ImageSource], tta: bool = False
+    ) -> Predictions:
         """Predictions for one image or a list of them (paths, bytes, PIL, arrays, tensors).
 
         An array or tensor is one image; pass a list for several, or use `predict_pixels` for a
-        ready batch. The first bad image raises ImageError or NoInkError.
+        ready batch. The first bad image raises ImageError or NoInkError. `tta`: average over
+        shifted and rotated views (`mnistlab.tta`).
         """
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         pixels = [self.preprocess(item) for item in items]
         paths = [str(i) if isinstance(i, (str, os.PathLike)) else None for i in items]
         x = torch.stack(pixels) if pixels else torch.empty(0, 28, 28)
-        return self.predict_pixels(x, paths=paths)
+        return self.predict_pixels(x, paths=paths, tta=tta)
 
     def predict_pixels(
-        self, x: torch.Tensor, paths: Sequence[str | None] | None = None
+        self, x: torch.Tensor, paths: Sequence[str | None] | None = None, tta: bool = False
     ) -> Predictions:
         """Predictions for ready 28×28 images in [0, 1] ([N, 28, 28] or [28, 28]), as they are.
 
         `paths`, one per image, are carried into the result. The result holds a float32 copy of
-        `x`, so changing `x` later does not change it.
+        `x`, so changing `x` later does not change it. `tta`: average the probabilities over
+        shifted and rotated views (`mnistlab.tta`).
         """
         if not isinstance(x, torch.Tensor):
             x = torch.as_tensor(x)
@@ -332,7 +336,9 @@ class Predictor:
                 lo, hi = torch.aminmax(x)
                 if not (lo.item() >= 0 and hi.item() <= 1):
                     raise MnistlabError(PIXELS_ERROR)
-            if n <= CHUNK:
+            if tta:
+                probs = self._tta_probabilities(x)
+            elif n <= CHUNK:
                 probs = self._probabilities(x) if n else torch.empty(0, 10)
             else:
                 chunks = [self._probabilities(x[s : s + CHUNK]) for s in range(0, n, CHUNK)]
@@ -372,6 +378,14 @@ class Predictor:
         if logits.dtype != torch.float32:
             logits = logits.float()
         return torch.softmax(logits, dim=1) if self._on_cpu else torch.softmax(logits, 1).cpu()
+
+    def _tta_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        from .tta import tta_probabilities
+
+        def logits(views: torch.Tensor) -> torch.Tensor:
+            return torch.log(self._probabilities(views))  # log-softmax: softmax gives it back
+
+        return tta_probabilities(logits, x, chunk=max(1, CHUNK // 8))
 
     def __repr__(self) -> str:
         i = self._info

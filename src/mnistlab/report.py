@@ -27,6 +27,9 @@ WEIGHTS = "model.pt"
 CHECKPOINT = "checkpoint.pt"
 TEMPLATE_DIR = Path(__file__).with_name("templates")
 FIGURES = ("curves", "per_class", "confusion_matrix", "predictions", "misclassified", "calibration")
+# `--inside` adds these (mnistlab.inside, mnistlab.tta): they cost seconds, so they are asked for.
+INSIDE_FIGURES = ("first_layer", "feature_maps", "saliency", "embedding")
+EMBEDDING_JSON = "embedding.json"  # the map's points, beside the figures, for the page
 
 
 @dataclass
@@ -164,6 +167,7 @@ class Report:
     figures: list[Path]
     complete: bool
     test_acc: float | None
+    tta: dict[str, Any] | None = None
 
 
 def default_report_path(run_dir: Path) -> Path:
@@ -207,12 +211,15 @@ def build_report(
     runs_dir: str | os.PathLike[str] = runs.RUNS_DIR,
     root: str | os.PathLike[str] | None = None,
     log: Callable[[str], None] | None = None,
+    inside: bool = False,
     renderer: Any = None,
 ) -> Report:
     """Write the report of a run: HTML at `out` (default <run>/report.html), PNGs beside it.
 
-    `renderer` draws the figures (a `mnistlab.render.FigurePool` started ahead of time, or by
-    default this process).
+    `inside` adds the views from inside the model (first layer, feature maps, integrated
+    gradients, the t-SNE embedding map) and what test-time augmentation changes: seconds more.
+    `renderer` draws the main figures (a `mnistlab.render.FigurePool` started ahead of time, or
+    by default this process).
     """
     record = read_run(run, runs_dir)
     out_path = Path(out) if out is not None else default_report_path(record.path)
@@ -231,6 +238,9 @@ def build_report(
     ]
     model, weights_from = _load_weights(record)
     evaluation: dict[str, Any] | None = None
+    inside_figures: list[ReportFigure] = []
+    tta: dict[str, Any] | None = None
+    embedding: dict[str, Any] | None = None
     if model is not None:
         from .data import BatchLoader, load_mnist
         from .metrics import classification_metrics, expected_calibration_error
@@ -271,7 +281,10 @@ def build_report(
              FigureJob("plot_calibration", (probs_np, y_np))),
         ]
     pending = (renderer or LocalRenderer()).start([job for *_, job in planned])
-    _templates()  # while the figures are drawn elsewhere: jinja2's import and the templates
+    # While the figures are drawn elsewhere: the inside views, jinja2's import, the templates.
+    if model is not None and inside:
+        inside_figures, tta, embedding = _inside(model, images, y, logits, seed, log)
+    _templates()
     from .models import MODELS
 
     figures = [
@@ -282,13 +295,18 @@ def build_report(
     try:
         fig_dir.mkdir(parents=True, exist_ok=True)
         written = []
-        for fig in figures:
+        for fig in figures + inside_figures:
             target = fig_dir / f"{fig.key}.png"
             atomic_write_bytes(target, fig.png)
             written.append(target)
-        for key in FIGURES:  # figures of an earlier report that this one could not make
-            if key not in {f.key for f in figures}:
+        made = {f.key for f in figures + inside_figures}
+        for key in FIGURES + INSIDE_FIGURES:  # figures of an earlier report not made this time
+            if key not in made:
                 (fig_dir / f"{key}.png").unlink(missing_ok=True)
+        if embedding is not None:
+            atomic_write_text(fig_dir / EMBEDDING_JSON, json.dumps(embedding))
+        else:
+            (fig_dir / EMBEDDING_JSON).unlink(missing_ok=True)
         model_name = str(record.config.get("model", "?"))
         entry = MODELS.get(model_name)
         html = _render(
@@ -296,6 +314,8 @@ def build_report(
             run=record,
             title=f"mnistlab report: {record.name}",
             figures=figures,
+            inside_figures=inside_figures,
+            tta=tta,
             evaluation=evaluation,
             weights_from=weights_from,
             extra_notes=record.notes[0 if record.complete else 1 :],
@@ -312,7 +332,56 @@ def build_report(
     if log is not None:
         for note in record.notes:
             log(f"note: {note}")
-    return Report(out_path, fig_dir, written, record.complete, record.test_acc)
+    return Report(out_path, fig_dir, written, record.complete, record.test_acc, tta)
+
+
+def _inside(model, images, labels, logits, seed: int, log: Callable[[str], None] | None):
+    """The `--inside` figures, what TTA changes, and the embedding map's points."""
+    import torch
+
+    from . import inside, plots, tta
+
+    x = inside.as_images(images)
+    figures = []
+    layer = inside.first_layer(model)
+    what = {"linear": "Each unit's 784 weights as a 28×28 image: the pattern of ink it "
+                      "looks for (red) and against (blue).",
+            "conv": "The first convolution's filters: each slides over the image and "
+                    "answers where the ink matches its pattern."}[layer.kind]
+    figures.append(ReportFigure("first_layer", "First layer", what, plots.figure_png(
+        plots.plot_first_layer(layer.weights, layer.kind))))
+    predicted = logits.argmax(1)
+    if layer.kind == "conv":
+        first = int(torch.nonzero(predicted == labels)[0]) if (predicted == labels).any() else 0
+        figures.append(ReportFigure(
+            "feature_maps", "Feature maps",
+            f"What each first-layer filter answers to test digit {first} (brighter: stronger).",
+            plots.figure_png(plots.plot_feature_maps(
+                x[first], inside.feature_maps(model, x[first]), int(labels[first])))))
+    rng = torch.Generator().manual_seed(seed)
+    right = torch.nonzero(predicted == labels).squeeze(1)
+    wrong = torch.nonzero(predicted != labels).squeeze(1)
+    pick = torch.cat([right[torch.randperm(len(right), generator=rng)[:6]], wrong[:6]])
+    explained = inside.integrated_gradients(model, x[pick])
+    figures.append(ReportFigure(
+        "saliency", "Why? Integrated gradients",
+        "Which pixels raised the predicted digit's score (red) or lowered it (blue), from a "
+        "black image to the digit: six random test digits, then the first mistakes.",
+        plots.figure_png(plots.plot_saliency(x[pick], explained.attributions,
+                                             labels[pick].tolist(), explained.labels.tolist()))))
+    if log is not None:
+        log("inside: t-SNE embedding map of 2,000 test digits (a few seconds)")
+    emap = inside.embedding_map(model, x, labels, n=2000, seed=seed)
+    figures.append(ReportFigure(
+        "embedding", "Embedding map",
+        "Each dot is a test digit placed by t-SNE so that digits the model sees as alike "
+        "(on its penultimate layer) sit together; colour is the true digit, black rings are "
+        "mistakes.",
+        plots.figure_png(plots.plot_embedding(emap.xy, emap.labels, emap.predictions))))
+    with torch.no_grad():
+        probs = tta.tta_probabilities(lambda v: model(inside.normalize(v)), x, chunk=500)
+    change = tta.compare(logits, probs, labels).to_dict()
+    return figures, change, emap.to_dict()
 
 
 def _rows(d: dict[str, Any]) -> list[tuple[str, str]]:

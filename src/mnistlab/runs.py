@@ -3,6 +3,7 @@
     config.json       the resolved TrainConfig
     environment.json  mnistlab, torch and Python versions, device, threads, machine
     metrics.jsonl     one JSON object per completed epoch
+    steps.jsonl       one JSON object per progress line (the lab's Step lines), as they happen
     checkpoint.pt     model, optimizer, scheduler, RNG states, best weights, progress: --resume
     best.pt           best weights on the validation split (when validating)
     model.pt          final weights: a plain state_dict, `model.load_state_dict(torch.load(...))`
@@ -28,6 +29,7 @@ RUNS_DIR = "runs"
 CONFIG = "config.json"
 ENVIRONMENT = "environment.json"
 METRICS = "metrics.jsonl"
+STEPS = "steps.jsonl"
 SUMMARY = "summary.json"
 
 
@@ -112,6 +114,51 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in history))
     except OSError as e:
         raise MnistlabError(f"could not save {path}: {e.strerror or e}") from None
+
+
+class StepLog:
+    """Appends the lab's Step lines to steps.jsonl as JSON, one line a progress interval,
+    flushed at once so a reader (the live page) sees each as it happens.
+
+    Each line is whole or absent after a kill (one write() of under a page); a torn last line is
+    skipped by `read_steps`. Resuming first drops the lines of epochs that were not saved.
+    """
+
+    def __init__(self, run_dir: Path, keep_epochs: int | None = None) -> None:
+        self.path = run_dir / STEPS
+        if keep_epochs is not None and self.path.exists():
+            kept = [r for r in read_steps(run_dir) if int(r.get("epoch", 0)) <= keep_epochs]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        try:
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held open)
+        except OSError as e:
+            raise MnistlabError(f"could not write {self.path}: {e.strerror or e}") from None
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_steps(run_dir: Path) -> list[dict[str, Any]]:
+    """The progress lines of a run so far ([] if none); a torn last line is left out."""
+    try:
+        text = (run_dir / STEPS).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as e:
+        raise MnistlabError(f"{run_dir / STEPS} is unreadable: {e}") from None
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line being written, or one torn by a kill
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def write_json(run_dir: Path, name: str, obj: Any) -> None:

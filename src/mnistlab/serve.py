@@ -154,8 +154,19 @@ def _too_large(limit: int) -> JSONResponse:
     return JSONResponse({"detail": _too_large_detail(limit)}, status_code=413)
 
 
-def create_app(predictor: Predictor, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> FastAPI:
-    """The FastAPI app: page, API and offline docs, answering with `predictor`."""
+def create_app(
+    predictor: Predictor,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    *,
+    runs_dir: str | os.PathLike[str] = "runs",
+    train_allowed: bool = False,
+    root: str | os.PathLike[str] | None = None,
+) -> FastAPI:
+    """The FastAPI app: page, API and offline docs, answering with `predictor`.
+
+    `runs_dir` is shown at /runs; `train_allowed` lets the page start runs there
+    (`mnistlab.serve_runs`); `root` is the MNIST data root for the views inside the model.
+    """
     if max_upload_bytes <= 0:
         raise MnistlabError(f"the upload limit must be positive, not {max_upload_bytes}")
     info = dict(predictor.info)
@@ -172,6 +183,8 @@ def create_app(predictor: Predictor, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        for hook in app.state.on_shutdown:
+            hook()
         executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPIOffline(
@@ -189,6 +202,7 @@ def create_app(predictor: Predictor, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_
         other_limit=(max_upload_bytes + 2) // 3 * 4 + BODY_OVERHEAD,  # base64 grows by 4/3
     )
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.state.on_shutdown = []  # called as the server stops (the runs page stops its child)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -253,26 +267,37 @@ def create_app(predictor: Predictor, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_
         Images get the same MNIST-style preprocessing as `mnistlab predict`; pixels are used as
         they are.
         """
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "multipart/form-data":
-            data = await _read_upload(request, max_upload_bytes)
-            result = await run(_predict_image, predictor, data)
-        elif ctype == "application/json" or ctype.endswith("+json"):
-            body = _parse_json(await request.body())
-            if body.image is not None:
-                result = await run(_predict_base64, predictor, body.image, max_upload_bytes)
-            else:
-                pixels = torch.tensor(body.pixels, dtype=torch.float32)
-                result = await run(_predict_pixels, predictor, pixels)
+        kind, value = await read_input(request, max_upload_bytes)
+        if kind == "image":
+            result = await run(_predict_image, predictor, value)
         else:
-            raise ApiError(
-                415,
-                f"unsupported body type {ctype or '(none)'!r}; send multipart/form-data with "
-                'the image in field "file", or JSON {"image": ...} or {"pixels": ...}',
-            )
+            result = await run(_predict_pixels, predictor, value)
         return _response(result, model_name)
 
+    from .serve_inside import add_inside_routes
+    from .serve_runs import add_runs_routes
+
+    add_inside_routes(app, predictor, run, model_name, max_upload_bytes, Path(runs_dir), root)
+    add_runs_routes(app, Path(runs_dir), train_allowed, root)
     return app
+
+
+async def read_input(request: Request, max_upload_bytes: int) -> tuple[str, Any]:
+    """A digit request's input: ("image", bytes) from a multipart `file` or JSON `image`, or
+    ("pixels", float32 [28, 28]) from JSON `pixels`; ApiError for anything else."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        return "image", await _read_upload(request, max_upload_bytes)
+    if ctype == "application/json" or ctype.endswith("+json"):
+        body = _parse_json(await request.body())
+        if body.image is not None:
+            return "image", _decode_base64(body.image, max_upload_bytes)
+        return "pixels", torch.tensor(body.pixels, dtype=torch.float32)
+    raise ApiError(
+        415,
+        f"unsupported body type {ctype or '(none)'!r}; send multipart/form-data with "
+        'the image in field "file", or JSON {"image": ...} or {"pixels": ...}',
+    )
 
 
 async def _read_upload(request: Request, limit: int) -> bytes:
@@ -332,10 +357,6 @@ def _predict_image(predictor: Predictor, data: bytes) -> tuple[Prediction, str]:
     except MnistlabError as e:
         raise ApiError(422, str(e)) from None
     return prediction, _png_base64(prediction.image)
-
-
-def _predict_base64(predictor: Predictor, text: str, limit: int) -> tuple[Prediction, str]:
-    return _predict_image(predictor, _decode_base64(text, limit))
 
 
 def _predict_pixels(predictor: Predictor, pixels: torch.Tensor) -> tuple[Prediction, str]:

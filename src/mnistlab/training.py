@@ -29,6 +29,9 @@ __all__ = ["FitState", "build_optimizer", "build_scheduler", "evaluate", "fit", 
            "select_device", "train_epoch"]  # select_device: its home is mnistlab.hardware
 
 Log = Callable[[str], None]
+# Called at each progress line with {"step", "steps", "loss", "acc"} (the interval's numbers);
+# fit adds "epoch". The run folder's steps.jsonl and TensorBoard's step scalars come from here.
+StepHook = Callable[[dict[str, Any]], None]
 
 
 def build_optimizer(cfg: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -145,6 +148,7 @@ def train_epoch(
     scaler: torch.amp.GradScaler | None = None,
     ema: torch.optim.swa_utils.AveragedModel | None = None,
     mlp_step: bool = True,
+    on_log: StepHook | None = None,
 ) -> tuple[float, float]:
     """One pass over `loader`; returns (mean loss, accuracy in %).
 
@@ -204,6 +208,9 @@ def train_epoch(
                     f"Step {step}/{steps} - Loss: {int_loss / int_seen:.3f} | "
                     f"Acc: {100.0 * int_correct / int_seen:.2f}%"
                 )
+            if on_log is not None and int_seen:
+                on_log({"step": step, "steps": steps, "loss": int_loss / int_seen,
+                        "acc": 100.0 * int_correct / int_seen})
             total_loss += int_loss
             total_correct += int_correct
             total_seen += int_seen
@@ -278,6 +285,10 @@ class FitState:
     scaler_state: dict[str, Any] | None = None  # the loss scale, when training in float16
 
 
+def _with_epoch(hook: StepHook, epoch: int) -> StepHook:
+    return lambda record: hook({"epoch": epoch, **record})
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -291,13 +302,15 @@ def fit(
     on_epoch_end: Callable[[FitState], None] | None = None,
     log: Log = print,
     progress: bool = False,
+    on_step: StepHook | None = None,
     execution: Execution | None = None,
 ) -> FitState:
     """Train for `cfg.epochs`, evaluating after every epoch; early-stop on validation loss.
 
     `state` resumes from its epoch. With early stopping, the best weights are restored at the end.
-    `execution` says how (precision, layout: see `mnistlab.hardware.decide`); by default it is
-    decided for this machine and the model's device. Threads are the caller's to set.
+    `on_step` gets each progress line's numbers, with the epoch. `execution` says how
+    (precision, layout: see `mnistlab.hardware.decide`); by default it is decided for this
+    machine and the model's device. Threads are the caller's to set.
     """
     state = state or FitState()
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -351,6 +364,7 @@ def fit(
             scaler=scaler,
             ema=ema,
             mlp_step=cfg.mlp_step,
+            on_log=None if on_step is None else _with_epoch(on_step, epoch + 1),
         )
         if ema is not None:
             state.ema_state = ema.state_dict()

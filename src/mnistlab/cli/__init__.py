@@ -26,6 +26,7 @@ COMMANDS = {
     "report": "report:report",
     "runs": "report:runs",
     "compare": "report:compare",
+    "lr-find": "lrfind:lr_find",
     "doctor": "doctor:doctor",
 }
 
@@ -65,6 +66,7 @@ HELP = {
     "report": "One self-contained HTML report of a run: curves, metrics, figures.",
     "runs": "Table of runs, newest first.",
     "compare": "Several runs side by side: curves overlaid, final metrics in one table.",
+    "lr-find": "The learning-rate range test: plot and a suggested learning rate.",
     "doctor": "The hardware, torch, what auto decides and why, the data and the bundled model.",
 }
 
@@ -80,6 +82,14 @@ def fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
+def error_message(e: click.ClickException) -> str:
+    """The one line (after `mnistlab: error: `) that the command line prints for `e`."""
+    text = e.format_message().replace("\n", " ")
+    if isinstance(e, click.UsageError) and e.ctx is not None:
+        text += f" (see `{e.ctx.command_path} --help`)"
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         rc = cli.main(args=argv, prog_name="mnistlab", standalone_mode=False)
@@ -88,11 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(e))
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.UsageError as e:
-        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
-        fail(e.format_message().replace("\n", " ") + where, e.exit_code)
     except click.ClickException as e:
-        fail(e.format_message().replace("\n", " "), e.exit_code)
+        fail(error_message(e), e.exit_code)
     except click.exceptions.Abort:
         fail("aborted", 130)
     except KeyboardInterrupt:

@@ -26,9 +26,14 @@ from .options import json_option, root_option
     help="Architecture of a bare weights file. Default: from its metadata, else by its shapes.",
 )
 @click.option("--runs-dir", default="runs", show_default=True)
+@click.option(
+    "--tta",
+    is_flag=True,
+    help="Test-time augmentation: average over shifted and rotated views; says what it changes.",
+)
 @json_option
 @root_option
-def evaluate(source, split, best, model_name, runs_dir, as_json, root) -> None:
+def evaluate(source, split, best, model_name, runs_dir, tta, as_json, root) -> None:
     """Accuracy, loss, per-class report, confusion matrix and most-confused pairs."""
     from pathlib import Path
 
@@ -57,10 +62,21 @@ def evaluate(source, split, best, model_name, runs_dir, as_json, root) -> None:
             images, labels = images[keep], labels[keep]
     loader = BatchLoader(images, labels, batch_size=1000)
     logits, y = predict_logits(model, loader)
+    change = None
+    if tta:
+        from ..tta import tta_scores
+
+        tta_logits, change = tta_scores(model, images, y, logits)
+        logits = tta_logits  # the metrics below are those with TTA
     metrics = classification_metrics(logits, y)
     metrics.update(model=info["model"], source=str(path), split=split)
+    if change is not None:
+        metrics["tta"] = change.to_dict()
     if as_json:
         click.echo(json.dumps(metrics))
     else:
-        click.echo(f"{info['model']} from {path}, {split} split")
+        click.echo(f"{info['model']} from {path}, {split} split"
+                   + (", with test-time augmentation" if tta else ""))
+        if change is not None:
+            click.echo(change.line())
         click.echo(format_report(metrics))

@@ -62,13 +62,20 @@ def _message(shown: str, error: Exception) -> str:
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing --csv file.")
 @click.option(
+    "--tta",
+    is_flag=True,
+    help="Test-time augmentation: average over shifted and rotated views; says how many "
+    "readings it changed.",
+)
+@click.option(
     "--save-preprocessed",
     type=click.Path(file_okay=False),
     default=None,
     metavar="DIR",
     help="Write the 28×28 image the model saw for each input, as PNG.",
 )
-def predict(paths, model_spec, best, top_k, as_json, csv_file, force, save_preprocessed) -> None:
+def predict(paths, model_spec, best, top_k, as_json, csv_file, force, tta,
+            save_preprocessed) -> None:
     """Predict the digit in each image (PNG, JPEG, BMP, GIF, WebP, TIFF; `-` reads stdin).
 
     Folders are read recursively in sorted order. A bad file is reported on one line and skipped;
@@ -100,11 +107,16 @@ def predict(paths, model_spec, best, top_k, as_json, csv_file, force, save_prepr
 
     rows: list[dict] = []
     failed = total = 0
+    changed = 0  # readings that --tta changed
 
     def flush(batch: list[tuple[int, str, torch.Tensor]]) -> None:
+        nonlocal changed
         if not batch:
             return
-        predictions = predictor.predict_pixels(torch.stack([x for _, _, x in batch]))
+        pixels = torch.stack([x for _, _, x in batch])
+        predictions = predictor.predict_pixels(pixels, tta=tta)
+        if tta:
+            changed += int((predictor.predict_pixels(pixels).labels != predictions.labels).sum())
         for (index, shown, _), p in zip(batch, predictions, strict=True):
             p.path = shown
             if out_dir is not None:
@@ -136,6 +148,9 @@ def predict(paths, model_spec, best, top_k, as_json, csv_file, force, save_prepr
             flush(batch)
     flush(batch)
 
+    if tta:
+        click.echo(f"test-time augmentation changed {changed} of {total - failed} readings",
+                   err=True)
     if as_json:
         click.echo(json.dumps(rows))
     elif csv_file:

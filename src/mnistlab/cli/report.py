@@ -22,14 +22,21 @@ runs_dir_option = click.option(
     help="HTML file to write; its PNGs go in a folder of the same name. "
     "Default: <run>/report.html and <run>/report/.",
 )
+@click.option(
+    "--inside",
+    is_flag=True,
+    help="Also look inside the model: first layer, feature maps, integrated gradients, the "
+    "t-SNE embedding map, and what test-time augmentation changes (seconds more).",
+)
 @runs_dir_option
 @root_option
-def report(run: str, out: str | None, runs_dir: str, root: str | None) -> None:
+def report(run: str, out: str | None, inside: bool, runs_dir: str, root: str | None) -> None:
     """One self-contained HTML page of a run: curves, metrics, confusion matrix, mistakes."""
     from ..report import build_report
 
     result = build_report(
-        run, out, runs_dir=runs_dir, root=root, log=lambda line: click.echo(line, err=True)
+        run, out, runs_dir=runs_dir, root=root, log=lambda line: click.echo(line, err=True),
+        inside=inside,
     )
     state = "" if result.complete else " (INCOMPLETE run: the report shows what exists)"
     click.echo(f"wrote {result.path}{state}")

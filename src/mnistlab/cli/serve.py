@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from .options import root_option
+
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -28,8 +30,15 @@ import click
     show_default=True,
     help="Largest image accepted, in megabytes (10^6 bytes).",
 )
-def serve(host: str, port: int, model_spec: str | None, max_upload_mb: float) -> None:
-    """Serve a page to draw digits on and watch the model read them, plus a JSON API.
+@click.option("--runs-dir", default="runs", show_default=True,
+              help="Runs shown at /runs, and where runs started from the page go.")
+@click.option("--allow-train", is_flag=True,
+              help="Let the page start, stop and resume runs even when not on a loopback address.")
+@root_option
+def serve(host: str, port: int, model_spec: str | None, max_upload_mb: float, runs_dir: str,
+          allow_train: bool, root: str | None) -> None:
+    """Serve a page to draw digits on and watch the model read them, plus a JSON API; /runs
+    shows the runs and trains new ones (from loopback, or with --allow-train).
 
     Stops cleanly on Ctrl-C or SIGTERM.
     """
@@ -45,10 +54,13 @@ def serve(host: str, port: int, model_spec: str | None, max_upload_mb: float) ->
     from ..errors import MnistlabError
     from ..predict import Predictor
     from ..serve import create_app
+    from ..serve_runs import train_allowed
 
     try:
         predictor = Predictor.load(model_spec)
-        app = create_app(predictor, max_upload_bytes=int(max_upload_mb * 1_000_000))
+        app = create_app(predictor, max_upload_bytes=int(max_upload_mb * 1_000_000),
+                         runs_dir=runs_dir, train_allowed=train_allowed(host, allow_train),
+                         root=root)
     except BaseException:
         sock.close()
         raise

@@ -15,7 +15,8 @@ from .options import root_option
 FIELD_HELP = {
     "model": "Model name (see `mnistlab models`). Default: mlp.",
     "optimizer": "adam, adamw, sgd or rmsprop. Default: adam.",
-    "lr": "Learning rate. Default: 0.001.",
+    "lr": "Learning rate, or `auto`: the suggestion of `mnistlab lr-find` on this config. "
+    "Default: 0.001.",
     "weight_decay": "Weight decay. Default: 0.",
     "momentum": "Momentum for sgd and rmsprop. Default: 0.",
     "nesterov": "Nesterov momentum for sgd.",
@@ -52,6 +53,20 @@ SKIP = {"recipe", "model_args"}
 FLAG_TYPES = {"channels_last": bool}  # None-by-default fields: None is auto
 
 
+class LearningRate(click.ParamType):
+    """A float, or `auto` (the learning-rate finder's suggestion)."""
+
+    name = "float|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) or value == "auto":
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number or 'auto'", param, ctx)
+
+
 def _config_options(func):
     from ..config import TrainConfig
 
@@ -64,6 +79,7 @@ def _config_options(func):
             )(func)
         else:
             help_text = FIELD_HELP.get(f.name, "")
+            kind = LearningRate() if f.name == "lr" else kind
             func = click.option(flag, f.name, type=kind, default=None, help=help_text)(func)
     return func
 
@@ -79,10 +95,17 @@ def _config_options(func):
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object.")
 @click.option("--no-progress", is_flag=True, help="No progress bar, even on a terminal.")
 @click.option("--no-report", is_flag=True, help="Do not write <run>/report.html at the end.")
+@click.option(
+    "--tensorboard",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Also log to TensorBoard under DIR/<run name> (needs the extra `tensorboard`).",
+)
 @root_option
-def train(recipe, name, runs_dir, resume, as_json, no_progress, no_report, root, **flags) -> None:
+def train(recipe, name, runs_dir, resume, as_json, no_progress, no_report, tensorboard, root,
+          **flags) -> None:
     """Train a model; every run leaves a self-describing folder under runs/."""
-    from ..config import resolve_config
     from ..experiment import train_run
 
     started = time.perf_counter()  # `seconds` counts the work, not the imports (torch: ~1 s)
@@ -90,13 +113,25 @@ def train(recipe, name, runs_dir, resume, as_json, no_progress, no_report, root,
     def log(line: str) -> None:
         click.echo(line, err=as_json)
 
+    if tensorboard is not None:
+        from ..tblog import check_available
+
+        check_available()
+    auto_lr = flags.get("lr") == "auto"
+    if auto_lr and resume is not None:
+        from ..errors import MnistlabError
+
+        raise MnistlabError("--lr auto chooses the rate of a new run; a resumed run keeps its own "
+                            "(drop --lr)")
     if resume is not None:
         asked = {k: v for k, v in flags.items() if v is not None}
         if recipe is not None:
             asked["recipe"] = recipe
         cfg = None
     else:
-        cfg = resolve_config(recipe or "lab", **flags)
+        cfg = resolve_flags({"recipe": recipe, **flags})
+        if auto_lr:
+            cfg = _find_lr(cfg, root, log)
         asked = {}
     # The report's figures are drawn by workers started now, on a core the training leaves
     # idle: their matplotlib import overlaps the training, and they draw in parallel after it.
@@ -122,6 +157,7 @@ def train(recipe, name, runs_dir, resume, as_json, no_progress, no_report, root,
             log=log,
             progress=sys.stderr.isatty() and not no_progress,
             started=started,
+            tensorboard=tensorboard,
             on_plan=on_plan,
         )
         if not no_report:
@@ -138,3 +174,35 @@ def train(recipe, name, runs_dir, resume, as_json, no_progress, no_report, root,
             pool.close()
     if as_json:
         click.echo(json.dumps(summary))
+
+
+def resolve_flags(params: dict):
+    """The checked TrainConfig of a new run from parsed `train` parameters (`--lr auto` checked
+    with the recipe's rate: the finder replaces it later)."""
+    from ..config import TrainConfig, resolve_config
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - SKIP
+    flags = {k: v for k, v in params.items() if k in fields}
+    if flags.get("lr") == "auto":
+        flags["lr"] = None
+    return resolve_config(params.get("recipe") or "lab", **flags)
+
+
+def _find_lr(cfg, root, log):
+    """`--lr auto`: the config with the learning-rate finder's suggestion as its rate."""
+    import dataclasses
+
+    import torch
+
+    from ..hardware import decide, describe
+    from ..lrfind import lr_find
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(decide(describe(), cfg).threads.value)  # --threads checked here too
+    try:
+        found = lr_find(cfg, root)
+    finally:
+        torch.set_num_threads(previous)
+    log(f"lr-find: suggested lr {found.suggested_lr:.3g} after {len(found.lrs)} steps "
+        f"({found.stopped}, {found.seconds:.1f}s); rule: {found.rule}")
+    return dataclasses.replace(cfg, lr=found.suggested_lr).validate()

@@ -88,8 +88,11 @@ async function predict(form, gen) {
     if (response.ok) {
       showResult(body);
       setStatus(`Read as ${body.label}.`);
+      // why.js (the Why? overlay) listens for this and explains the same input.
+      document.dispatchEvent(new CustomEvent("mnistlab:read", { detail: { form, gen } }));
     } else {
       clearResult();
+      document.dispatchEvent(new CustomEvent("mnistlab:cleared"));
       setStatus(body.detail || `error ${response.status}`, true);
     }
   } catch (err) {
@@ -191,6 +194,7 @@ document.getElementById("clear").addEventListener("click", () => {
   timer = null;
   resetPad();
   clearResult();
+  document.dispatchEvent(new CustomEvent("mnistlab:cleared"));
   fileEl.value = "";
   setStatus("Draw a digit in the box.");
 });
