@@ -323,7 +323,7 @@ class Predictor:
                 f"expected images of shape [N, 28, 28] or [28, 28], got {list(shape)}"
             )
         n = shape[0]
-        if self._session is not None:
+        if self._session is not None and not tta:
             return self._predict_onnx(x, n, paths)
         # All of it under inference_mode (it makes every op cheaper), so the returned tensors are
         # inference tensors, like the model's output.
@@ -371,6 +371,9 @@ class Predictor:
         return Predictions(torch.from_numpy(probs.argmax(1)), torch.from_numpy(probs), x, paths)
 
     def _probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        if self._session is not None:  # the graph normalizes and ends in softmax
+            pixels = batch.detach().numpy().reshape(batch.shape[0], 1, 28, 28).copy()
+            return torch.from_numpy(self._session.run(self._outputs, {"pixels": pixels})[0])
         z = torch.add(self._shift, batch, alpha=self._scale).unsqueeze(1)  # (x - mean) / std
         if not self._on_cpu:
             z = z.to(self.device)
