@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -20,20 +19,12 @@ from typing import Any
 import torch
 
 from . import checkpoints as ck
-from . import runs
+from . import hardware, runs
 from .config import TrainConfig
 from .data import BatchLoader, load_mnist, normalize, split_indices
 from .errors import MnistlabError
 from .models import count_parameters, create_model
-from .training import (
-    FitState,
-    auto_threads,
-    build_optimizer,
-    build_scheduler,
-    evaluate,
-    fit,
-    select_device,
-)
+from .training import FitState, build_optimizer, build_scheduler, evaluate, fit
 
 
 @dataclasses.dataclass
@@ -89,6 +80,34 @@ def _check_resume(run_dir: Path, asked: dict[str, Any]) -> TrainConfig:
     return dataclasses.replace(saved, **runtime).validate()
 
 
+def recipe_line(cfg: TrainConfig) -> str:
+    """`Recipe: fast` and the flags that differ from it, e.g. `Recipe: lab with --epochs 2`."""
+    from .export import recipe_flags
+
+    flags = recipe_flags(cfg.to_dict())
+    return f"Recipe: {cfg.recipe}" + (f" with {' '.join(flags)}" if flags else "")
+
+
+def plan_execution(
+    cfg: TrainConfig, run_dir: Path | None = None, log: Callable[[str], None] | None = None
+) -> tuple[hardware.Hardware, hardware.Execution]:
+    """This machine and the decisions for `cfg` on it. A resumed run (`run_dir`) keeps the
+    automatic thread count it started with: CPU results depend on it, to the last bit."""
+    hw = hardware.describe()
+    execution = hardware.decide(hw, cfg)
+    started = _started_threads(run_dir) if run_dir is not None and not cfg.threads else None
+    if started is not None and started != execution.threads.value:
+        if started <= hw.cores:
+            choice = hardware.Choice(started, "kept from the run's start: CPU results depend on "
+                                     "the thread count")
+        else:
+            choice = hardware.Choice(hw.cores, f"the run started with {started} threads; this "
+                                     f"machine has {hw.cores} usable cores, so the last digits "
+                                     "may differ from an uninterrupted run")
+        execution = dataclasses.replace(execution, threads=choice)
+    return hw, execution
+
+
 def _started_threads(run_dir: Path) -> int | None:
     """The torch thread count a run started with, from its environment.json, if readable."""
     try:
@@ -130,12 +149,14 @@ def train_run(
     progress: bool = False,
     started: float | None = None,
     tensorboard: str | os.PathLike[str] | None = None,
+    on_plan: Callable[[hardware.Hardware, hardware.Execution], None] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) a run and return its summary.
 
     Resuming takes the run's saved config; `resume_check` holds settings the caller asked for,
     which must match it. `started` is the perf_counter reading when the command's work began.
     `tensorboard`: also log to TensorBoard event files under this folder (`mnistlab.tblog`).
+    `on_plan` is told the machine and the execution decided for it, before training starts.
     """
     started = time.perf_counter() if started is None else started
     if resume is not None:
@@ -146,12 +167,18 @@ def train_run(
     else:
         cfg = (cfg or TrainConfig()).validate()
         run_dir = None  # created once the data and model are known to be good
-    # 0: one thread per idle core (a thread on a busy core stalls every op; see auto_threads).
-    # A resumed run keeps the count it started with: CPU results depend on it, to the last bit.
-    threads = cfg.threads or (resume is not None and _started_threads(run_dir)) or auto_threads(cfg)
-    torch.set_num_threads(threads)
-    device = select_device(cfg.device)
-    log(f"Using device: {device}")
+    # Device, precision, layout and threads: decided (and refused) before anything is made.
+    hw, execution = plan_execution(cfg, run_dir)
+    if resume is None:
+        log(recipe_line(cfg))  # the whole config goes into <run>/config.json
+    for warning in execution.warnings:
+        log(warning)
+    torch.set_num_threads(execution.threads.value)
+    allocator = hardware.keep_freed_memory()
+    device = torch.device(execution.device.value)
+    log(hardware.hardware_line(hw, execution))
+    if on_plan is not None:
+        on_plan(hw, execution)
 
     data = make_loaders(cfg, root, device)
     torch.manual_seed(cfg.seed)
@@ -164,13 +191,15 @@ def train_run(
         run_dir = runs.create_run_dir(runs_dir, name)
         try:
             runs.write_json(run_dir, runs.CONFIG, cfg.to_dict())
-            runs.write_json(run_dir, runs.ENVIRONMENT, runs.environment(str(device)))
+            runs.write_json(run_dir, runs.ENVIRONMENT, runs.environment(
+                str(device), hardware=hw.to_dict(), execution=execution.to_dict(),
+                allocator=allocator))
         except MnistlabError:
             shutil.rmtree(run_dir, ignore_errors=True)  # a folder without its config is no run
             raise
         log(f"Run folder: {run_dir}")
     else:
-        log("Config: " + json.dumps(cfg.to_dict()))
+        log(recipe_line(cfg))
         if (run_dir / ck.CHECKPOINT_NAME).is_file():
             state = _restore(run_dir / ck.CHECKPOINT_NAME, model, optimizer, scheduler)
             log(f"Resuming {run_dir} after epoch {state.epoch}/{cfg.epochs}")
@@ -241,6 +270,7 @@ def train_run(
             log=log,
             progress=progress,
             on_step=on_step,
+            execution=execution,
         )
     except KeyboardInterrupt:
         if board is not None:

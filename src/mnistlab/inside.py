@@ -320,7 +320,7 @@ def tsne_map(
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
 
-    from .training import idle_cores
+    from .hardware import idle_cores
 
     f = np.asarray(torch.as_tensor(features).float().numpy(), dtype=np.float32)
     if len(f) < 5:

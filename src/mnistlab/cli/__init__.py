@@ -27,6 +27,7 @@ COMMANDS = {
     "runs": "report:runs",
     "compare": "report:compare",
     "lr-find": "lrfind:lr_find",
+    "doctor": "doctor:doctor",
 }
 
 
@@ -66,6 +67,7 @@ HELP = {
     "runs": "Table of runs, newest first.",
     "compare": "Several runs side by side: curves overlaid, final metrics in one table.",
     "lr-find": "The learning-rate range test: plot and a suggested learning rate.",
+    "doctor": "The hardware, torch, what auto decides and why, the data and the bundled model.",
 }
 
 
