@@ -1,7 +1,12 @@
 """Load benchmark of `mnistlab serve`: prediction requests, 32 at a time, against a real server.
 
-    MNISTLAB_DATA=../shared/datasets python benchmarks/bench_serve.py [--requests 5000]
-        [--concurrency 32] [--payload png|jpeg|base64|pixels] [--model RUN_OR_WEIGHTS]
+    MNISTLAB_DATA=../shared/datasets python benchmarks/bench_serve.py [--requests 2000]
+        [--rounds 3] [--concurrency 32] [--payload png|jpeg|base64|pixels]
+        [--model RUN_OR_WEIGHTS] [--compare-with SRC]
+
+`--compare-with SRC` serves the same requests from another source tree too (a `git worktree` of
+an older commit; its src/ goes first on PYTHONPATH), alternating with this one round by round,
+and gives the ratio of the median throughputs. Target: ≥ 1.5× the server of commit e2fd09a.
 
 Starts `mnistlab serve --port 0` as a separate process on 127.0.0.1, then this process sends
 `--requests` POST /api/predict requests (MNIST test digits, cycled) from `--concurrency` threads,
@@ -27,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -73,13 +79,14 @@ def payloads(kind: str, count: int) -> tuple[list[dict], list[int]]:
 
 
 class ServerProcess:
-    def __init__(self, model: str | None) -> None:
+    def __init__(self, model: str | None, env: dict | None = None) -> None:
         args = [sys.executable, "-m", "mnistlab", "serve", "--port", "0"]
         if model:
             args += ["--model", model]
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **(env or {})},
         )
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(
@@ -158,9 +165,46 @@ def hammer(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def serve_round(a, requests: list[dict], labels: list[int], env: dict | None) -> dict:
+    """Start a server, warm it up, send `a.requests` requests, stop it; the figures."""
+    server = ServerProcess(a.model, env)
+    try:
+        # A short warm-up so the first-request costs (lazy imports, allocator) are not counted.
+        hammer(server.url, requests, labels, 2 * a.concurrency, a.concurrency, 60)
+        r = hammer(server.url, requests, labels, a.requests, a.concurrency, a.max_seconds)
+    finally:
+        code = server.stop()
+    r["exit"], r["startup"] = code, server.startup
+    r["rps"] = r["sent"] / r["seconds"]
+    return r
+
+
+def describe(name: str, r: dict, concurrency: int) -> None:
+    lat = np.array(r["latencies"]) * 1000
+    n_errors = sum(r["errors"].values())
+    print(f"{name}: {r['sent']} requests at {concurrency} concurrent in {r['seconds']:.2f} s: "
+          f"{r['rps']:.1f} requests/s (server ready in {r['startup']:.1f} s)")
+    if lat.size:
+        print(
+            f"  latency ms: p50 {np.percentile(lat, 50):.1f}  p90 {np.percentile(lat, 90):.1f}  "
+            f"p99 {np.percentile(lat, 99):.1f}  max {lat.max():.1f}  "
+            f"mean {statistics.fmean(lat):.1f}"
+        )
+    detail = ", ".join(f"{k}: {v}" for k, v in sorted(r["errors"].items()))
+    print(f"  errors: {n_errors}" + (f" ({detail})" if detail else "")
+          + f"; correct labels: {r['correct']}/{r['sent'] - n_errors}; exit status after "
+          f"SIGTERM: {r['exit']}", flush=True)
+
+
+TARGET_RATIO = 1.5
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import benchutil as bu
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--requests", type=int, default=5000)
+    p.add_argument("--requests", type=int, default=2000, help="Requests in each round.")
+    p.add_argument("--rounds", type=int, default=3, help="Rounds of each server (median).")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--payload", choices=["png", "jpeg", "base64", "pixels"], default="png",
                    help="png: multipart upload of the 28×28 digit (default); jpeg: a 112×112 "
@@ -168,35 +212,55 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distinct", type=int, default=1000, help="Distinct test digits to cycle.")
     p.add_argument("--model", default=None, help="RUN_OR_WEIGHTS; default: the bundled model.")
     p.add_argument("--max-seconds", type=float, default=300)
+    p.add_argument("--compare-with", metavar="SRC", default=None,
+                   help="Also serve from this source tree, alternating with this one.")
+    p.add_argument("--quick", action="store_true", help="Smoke run: one short round.")
+    p.add_argument("--no-save", action="store_true", help="Do not write benchmarks/results.")
     a = p.parse_args(argv)
-
-    print(f"hardware: {hardware()}")
+    if a.quick:
+        a.requests, a.rounds = 100, 1
+    hw = bu.hardware()
+    bu.print_hardware(hw)
+    print(f"hardware: {hardware()}; payload {a.payload}")
     requests, labels = payloads(a.payload, a.distinct)
-    server = ServerProcess(a.model)
-    print(f"server: {server.url} (ready in {server.startup:.1f} s), payload {a.payload}")
-    try:
-        # A short warm-up so the first-request costs (lazy imports, allocator) are not counted.
-        hammer(server.url, requests, labels, 2 * a.concurrency, a.concurrency, 60)
-        r = hammer(server.url, requests, labels, a.requests, a.concurrency, a.max_seconds)
-    finally:
-        code = server.stop()
-    lat = np.array(r["latencies"]) * 1000
-    n_errors = sum(r["errors"].values())
-    answered = r["sent"] - n_errors
-    print(f"requests: {r['sent']} at {a.concurrency} concurrent in {r['seconds']:.2f} s")
-    print(f"throughput: {r['sent'] / r['seconds']:.1f} requests/s")
-    if lat.size:
-        print(
-            f"latency ms: p50 {np.percentile(lat, 50):.1f}  p90 {np.percentile(lat, 90):.1f}  "
-            f"p99 {np.percentile(lat, 99):.1f}  max {lat.max():.1f}  "
-            f"mean {statistics.fmean(lat):.1f}"
-        )
-    detail = ", ".join(f"{k}: {v}" for k, v in sorted(r["errors"].items()))
-    print(f"errors: {n_errors}" + (f" ({detail})" if detail else ""))
-    print(f"correct labels: {r['correct']}/{answered}")
-    print(f"server exit status after SIGTERM: {code}")
-    return 0 if n_errors == 0 and r["sent"] == a.requests and code == 0 else 1
+    variants: dict[str, dict | None] = {"mnistlab": None}
+    if a.compare_with:
+        variants["compared"] = {"PYTHONPATH": str(Path(a.compare_with).resolve() / "src")}
+    rounds: dict[str, list[dict]] = {k: [] for k in variants}
+    for i in range(a.rounds):
+        for name, env in variants.items():
+            r = serve_round(a, requests, labels, env)
+            describe(f"{name} round {i + 1}", r, a.concurrency)
+            rounds[name].append({k: v for k, v in r.items() if k != "latencies"}
+                                | {"p50_ms": float(np.percentile(r["latencies"], 50) * 1000)
+                                   if r["latencies"] else None})
+    rps = {k: bu.stats([r["rps"] for r in v]) for k, v in rounds.items()}
+    clean = all(sum(r["errors"].values()) == 0 and r["sent"] == a.requests and r["exit"] == 0
+                for v in rounds.values() for r in v)
+    ours = rps["mnistlab"]["median"]
+    if "compared" in rps:
+        theirs = rps["compared"]["median"]
+        ratio = ours / theirs
+        met = clean and ratio >= TARGET_RATIO
+        reference, ratio_text = f"{theirs:.1f}/s as {Path(a.compare_with).name} serves it", (
+            f"{ratio:.2f}×")
+        print(f"median throughput {ours:.1f} vs {theirs:.1f} requests/s: {ratio:.2f}x "
+              f"(target ≥ {TARGET_RATIO}x: {'met' if met else 'MISSED'})")
+    else:
+        ratio, met, reference, ratio_text = None, clean, "–", "–"
+        print(f"median throughput {ours:.1f} requests/s")
+    figures = {
+        "rounds": rounds, "rps": rps, "ratio": ratio, "met": met, "payload": a.payload,
+        "concurrency": a.concurrency, "compared_with": a.compare_with,
+        "rows": [bu.row(
+            f"`mnistlab serve`, POST /api/predict ({a.payload}), requests/s at {a.concurrency} "
+            f"concurrent (median of {a.rounds} rounds of {a.requests})",
+            f"{ours:.1f}/s", reference, ratio_text,
+            f"≥ {TARGET_RATIO}× e2fd09a's" if a.compare_with else "no errors", met)],
+    }
+    flags = f" --compare-with {a.compare_with}" if a.compare_with else ""
+    return bu.finish("serve", hw, a, figures, flags)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(0 if main()["met"] else 1)

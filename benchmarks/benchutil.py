@@ -1,4 +1,9 @@
-"""Shared helpers of the benchmarks: hardware, subprocess runs, statistics, result files."""
+"""Shared helpers of the benchmarks: hardware, subprocess runs, statistics, result files.
+
+Results are kept per machine kind, in `results/<machine>/<name>.json` (the machine being the CPU
+model, its usable instruction sets and cores, and the GPU if any), so that figures measured on
+one kind of machine never replace another's; `run_all.py` makes one BENCHMARKS.md section each.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import gzip
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -42,12 +48,18 @@ def hardware() -> dict:
     """What the figures were measured on, including how busy the machine was."""
     import torch
 
+    from mnistlab.hardware import describe
+
+    machine = describe()
     flags = cpu_flags()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
+    hw = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "cpu": cpu_name(),
-        "cores": len(os.sched_getaffinity(0)),
+        "cores": machine.cores,
+        "isa": list(machine.isa),  # usable: what the OS reports, less any cap
+        "caps": dict(machine.caps),  # ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA, if set
+        "cpu_flags": sorted(f for f in flags if f == "avx2" or f.startswith(("avx512", "amx"))),
         "avx512": "avx512f" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
         "torch": torch.__version__,
@@ -57,6 +69,40 @@ def hardware() -> dict:
         "gpu": gpu,
         "loadavg": [round(v, 2) for v in os.getloadavg()],
     }
+    hw["machine"] = machine_label(hw)
+    return hw
+
+
+ISA_NAMES = {"avx2": "AVX2", "avx512": "AVX-512", "avx512_bf16": "AVX-512-BF16", "amx": "AMX"}
+
+
+def machine_label(hw: dict) -> str:
+    """The kind of machine a result belongs to, e.g. `AMD EPYC, 2 cores, AVX2`."""
+    if hw.get("machine"):
+        return hw["machine"]
+    isa = hw.get("isa")
+    if isa is None:  # results from before the instruction sets were recorded
+        isa = ["avx2"] + (["avx512"] if hw.get("avx512") else []) + (
+            ["avx512_bf16"] if hw.get("avx512_bf16") else [])
+    names = [ISA_NAMES.get(i, i) for i in isa if i != "avx2" or len(isa) == 1]
+    label = f"{hw['cpu']}, {hw['cores']} cores, {' + '.join(names) or 'no AVX2'}"
+    if hw.get("caps"):
+        label += " (capped: " + ", ".join(f"{k}={v}" for k, v in hw["caps"].items()) + ")"
+    if hw.get("gpu"):
+        label += f", GPU {hw['gpu']}"
+    return label
+
+
+def machine_slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def row(figure: str, mnistlab: str, reference: str, ratio: str, target: str,
+        met: bool | None) -> dict:  # fmt: skip
+    """One line of a machine's table in BENCHMARKS.md (a benchmark's figures["rows"]); `met`
+    None for a figure that is reported, not targeted."""
+    return {"figure": figure, "mnistlab": mnistlab, "reference": reference, "ratio": ratio,
+            "target": target, "met": None if met is None else bool(met)}
 
 
 def print_hardware(hw: dict) -> None:
@@ -186,9 +232,15 @@ def finish(name: str, hw: dict, args, figures: dict, flags: str = "") -> dict:
     return result
 
 
+def results_dir(hw: dict | None = None) -> Path:
+    """Where this machine's (or `hw`'s) results go."""
+    return RESULTS / machine_slug(machine_label(hw or hardware()))
+
+
 def save_result(name: str, result: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    folder = results_dir(result["hardware"])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.replace(path)
@@ -196,6 +248,16 @@ def save_result(name: str, result: dict) -> Path:
     return path
 
 
-def load_result(name: str) -> dict | None:
-    path = RESULTS / f"{name}.json"
+def load_result(name: str, hw: dict | None = None) -> dict | None:
+    """This machine's (or `hw`'s) latest result of benchmark `name`."""
+    path = results_dir(hw) / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_all() -> dict[str, dict[str, dict]]:
+    """Every machine's results: {machine label: {benchmark name: result}}."""
+    machines: dict[str, dict[str, dict]] = {}
+    for path in sorted(RESULTS.glob("*/*.json")):
+        result = json.loads(path.read_text())
+        machines.setdefault(machine_label(result["hardware"]), {})[path.stem] = result
+    return machines

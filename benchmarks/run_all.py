@@ -1,11 +1,19 @@
-"""Run the benchmark suite and regenerate BENCHMARKS.md from benchmarks/results/*.json.
+"""Run the benchmark suite and regenerate BENCHMARKS.md from benchmarks/results/<machine>/.
 
     python benchmarks/run_all.py                 # all but best (read from its results file)
-    python benchmarks/run_all.py --best          # also the best recipe (3 runs of ~10 min)
-    python benchmarks/run_all.py --sweep         # also the sweep benchmark (~20 min)
+    python benchmarks/run_all.py --best          # also the best recipe (3 runs of ~15 min)
+    python benchmarks/run_all.py --sweep         # also the sweep benchmark (~30 min)
     python benchmarks/run_all.py --only lab,fast # some of them
     python benchmarks/run_all.py --table-only    # just rewrite BENCHMARKS.md
     python benchmarks/run_all.py --quick         # smoke run of everything; writes nothing
+
+BENCHMARKS.md has one section per kind of machine (CPU model, instruction sets, cores, GPU):
+a run replaces the figures of the machine it runs on and keeps every other machine's.
+
+Adding a benchmark: write `benchmarks/bench_NAME.py` whose `main(argv)` measures, builds its
+table lines with `benchutil.row(...)` into `figures["rows"]` and returns
+`benchutil.finish("NAME", hw, args, figures)` (it accepts `--quick` and `--no-save`); then add
+`"NAME": bench_NAME.main` to BENCHES below.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 import bench_best
 import bench_explain
@@ -20,28 +29,32 @@ import bench_fast
 import bench_inference
 import bench_lab
 import bench_lrfind
+import bench_main
 import bench_memory
+import bench_serve
 import bench_sweep
 import benchutil as bu
 
+# name -> main(argv) returning the result: adding a benchmark is one line here.
 BENCHES = {
     "lab": bench_lab.main,
+    "main": bench_main.main,
     "fast": bench_fast.main,
     "best": bench_best.main,
     "inference": bench_inference.main,
+    "serve": bench_serve.main,
     "memory": bench_memory.main,
-    "sweep": bench_sweep.main,
     "explain": bench_explain.main,
     "lrfind": bench_lrfind.main,
+    "sweep": bench_sweep.main,
 }
-# Long benchmarks, run only when asked for (their flag, or --only); their results files stay.
-OPT_IN = ("best", "sweep")
+SLOW = {"best", "sweep"}  # run only with --best / --sweep (or --only)
+COMPARABLE = {"main", "serve"}  # take --compare-with SRC
 # Benchmarks that print a report rather than return figures: their output is kept verbatim.
 TEXT_BENCHES = {
     "robustness": (["bench_robustness.py"], ["-n", "200", "--repeat", "1"]),
-    "serve": (["bench_serve.py"], ["--requests", "300"]),
 }
-INFERENCE_TARGET = 0.9  # mnistlab's API at ≥ 90% of plain eager PyTorch: no real overhead
+INFERENCE_TARGET = 0.9  # results from before the engine choice: ≥ 90% of eager PyTorch
 
 
 def run_text_bench(name: str, quick: bool) -> None:
@@ -53,8 +66,9 @@ def run_text_bench(name: str, quick: bool) -> None:
                          if out.returncode else "")
     print(text)
     if not quick:
-        bu.RESULTS.mkdir(parents=True, exist_ok=True)
-        (bu.RESULTS / f"{name}.txt").write_text(text)
+        folder = bu.results_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.txt").write_text(text)
 
 
 def yes(flag: bool) -> str:
@@ -63,14 +77,41 @@ def yes(flag: bool) -> str:
 
 def machine_line(hw: dict) -> str:
     return (
-        f"{hw['cpu']}, {hw['cores']} cores (AVX-512: {hw['avx512']}, AVX-512 BF16: "
-        f"{hw['avx512_bf16']}), torch {hw['torch']}, Python {hw['python']}, GPU: "
+        f"{bu.machine_label(hw)}, torch {hw['torch']}, Python {hw['python']}, GPU: "
         f"{hw['gpu'] or 'none'}"
     )
 
 
+def generic_rows(result: dict) -> list[str]:
+    date = result["hardware"]["date"].split()[0]
+    return [
+        f"| {r['figure']} | {r['mnistlab']} | {r['reference']} | {r['ratio']} | {r['target']} | "
+        f"{yes(r['met']) if r['met'] is not None else '–'} | {date} |"
+        for r in result["rows"]
+    ]
+
+
 def table(results: dict[str, dict]) -> list[str]:
-    rows = ["| Figure | mnistlab | Reference | Ratio | Target | Met? |", "|---" * 6 + "|"]
+    """One machine's table: a line per figure, in BENCHES order."""
+    rows = ["| Figure | mnistlab | Reference | Ratio | Target | Met? | Date |", "|---" * 7 + "|"]
+    for name in [*BENCHES, *sorted(set(results) - set(BENCHES))]:
+        result = results.get(name)
+        if result is None:
+            continue
+        listed = result.get("rows") and "figure" in result["rows"][0]
+        rows += generic_rows(result) if listed else legacy_rows(name, result)
+    return rows
+
+
+def legacy_rows(name: str, result: dict) -> list[str]:
+    """Lines of results written before benchmarks listed their own rows."""
+    date = result["hardware"]["date"].split()[0]
+    lines = _legacy_rows({name: result})
+    return [line + f" {date} |" for line in lines]
+
+
+def _legacy_rows(results: dict[str, dict]) -> list[str]:
+    rows: list[str] = []
     lab = results.get("lab")
     if lab:
         ours, ref = lab["mnistlab"], lab["reference"]
@@ -124,23 +165,6 @@ def table(results: dict[str, dict]) -> list[str]:
             f"{ref['median']:.0f} MiB (lab-style, 1 epoch) | {ours['max'] / ref['median']:.2f}× "
             f"| ≤ 1024 MiB | {yes(mem['met'])} |"
         )
-    sweep = results.get("sweep")
-    if sweep:
-        for row in sweep["rows"]:
-            rows.append(
-                f"| Sweep `{sweep['space']}`, {row['workers']} worker(s), pruner {row['pruner']}: "
-                f"trials per hour ({row['trials']} trials, {row['pruned']} pruned) | "
-                f"{row['trials_per_hour']:.0f}/h ({row['epochs_per_hour']:.0f} epochs/h) | – | – "
-                f"| reported, not targeted | – |"
-            )
-        found, lab = sweep["search"], sweep["lab"]
-        rows.append(
-            f"| Sweep `{sweep['space']}`: best validation accuracy after {found['trials']} trials "
-            f"| {found['best']['val_acc']:.2f}% (its test acc, measured once: "
-            f"{found['test_acc']:.2f}%) | lab recipe {lab['val_acc']:.2f}% "
-            f"(test {lab['test_acc']:.2f}%) | {found['best']['val_acc'] - lab['val_acc']:+.2f} "
-            "points | reported, not targeted | – |"
-        )
     exp = results.get("explain")
     if exp:
         lat, f, e = exp["latency_ms"], exp["faithfulness"], exp["embedding_seconds"]
@@ -179,19 +203,22 @@ def table(results: dict[str, dict]) -> list[str]:
     return rows
 
 
-def write_markdown(results: dict[str, dict]) -> None:
+def machine_section(label: str, results: dict[str, dict], folder: Path) -> list[str]:
+    """A machine's heading, its table, how each figure was measured, and its text reports."""
+    dates = sorted({r["hardware"]["date"].split()[0] for r in results.values()})
+    any_hw = next(iter(results.values()))["hardware"]
+    flags = " ".join(any_hw.get("cpu_flags") or []) or (
+        "avx2" + (" avx512f" if any_hw.get("avx512") else "")
+        + (" avx512_bf16" if any_hw.get("avx512_bf16") else ""))
     lines = [
-        "# Benchmarks",
+        f"## {label}",
         "",
-        "Regenerated by `python benchmarks/run_all.py` (see its docstring for options; "
-        "`--table-only` rewrites this file from `benchmarks/results/*.json`). Every figure is "
-        "timed from after `import torch` to the final test accuracy, data loading and "
-        "per-epoch evaluation included, and every benchmark runs its reference in the same "
-        "invocation. Accuracy is always on the full 10,000 test images.",
+        f"Measured {dates[0]}" + (f" to {dates[-1]}" if len(dates) > 1 else "")
+        + f"; CPU flags: `{flags}`.",
         "",
         *table(results),
         "",
-        "## Conditions and commands",
+        "Conditions and commands:",
         "",
     ]
     for name, r in results.items():
@@ -200,18 +227,37 @@ def write_markdown(results: dict[str, dict]) -> None:
             f"- **{name}** — `{r['command']}` — {hw['date']}, load average {hw['loadavg']} "
             f"(1, 5, 15 min) — {machine_line(hw)}"
         )
-    for name, (script, _) in TEXT_BENCHES.items():
-        path = bu.RESULTS / f"{name}.txt"
-        if path.is_file():
-            lines += ["", f"## {name} (`python benchmarks/{script[0]}`)", "", "```",
-                      path.read_text().strip(), "```"]
-    lines += [
+    for path in sorted(folder.glob("*.txt")):
+        if path.stem in results:
+            continue
+        lines += ["", f"### {path.stem} (`python benchmarks/bench_{path.stem}.py`)", "", "```",
+                  path.read_text().strip(), "```"]
+    return [*lines, ""]
+
+
+def write_markdown(machines: dict[str, dict[str, dict]] | None = None) -> None:
+    """BENCHMARKS.md: a section per machine kind, newest figures first."""
+    machines = bu.load_all() if machines is None else machines
+    order = sorted(machines, key=lambda m: max(r["hardware"]["date"]
+                                               for r in machines[m].values()), reverse=True)
+    lines = [
+        "# Benchmarks",
         "",
-        "The machine is a shared 2-core VM: other jobs ran during some measurements (the load "
-        "average above says how busy it was). Ratios come from runs interleaved in one "
-        "invocation, so both sides saw the same conditions.",
+        "Regenerated by `python benchmarks/run_all.py` (see its docstring for options; "
+        "`--table-only` rewrites this file from `benchmarks/results/<machine>/`). There is one "
+        "section per kind of machine; a run replaces its own machine's figures and keeps the "
+        "others. Training figures are timed from after `import torch` to the final test "
+        "accuracy, data loading and per-epoch evaluation included; every benchmark runs its "
+        "reference in the same invocation. Accuracy is always on the full 10,000 test images.",
+        "",
+        "The machines are shared 2-core VMs: other jobs ran during some measurements (the "
+        "load average beside each figure says how busy it was). Ratios come from runs "
+        "interleaved in one invocation, so both sides saw the same conditions.",
         "",
     ]
+    for label in order:
+        folder = bu.RESULTS / bu.machine_slug(label)
+        lines += machine_section(label, machines[label], folder)
     notes = bu.HERE / "NOTES.md"  # hand-written analysis, kept next to the generated figures
     if notes.is_file():
         lines += [notes.read_text().strip(), ""]
@@ -225,13 +271,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="Comma-separated subset of: "
                    + ", ".join([*BENCHES, *TEXT_BENCHES]))
     p.add_argument("--best", action="store_true", help="Also run the best recipe (~30 min).")
-    p.add_argument("--sweep", action="store_true", help="Also run the sweep benchmark (~20 min).")
+    p.add_argument("--sweep", action="store_true", help="Also run the sweep benchmark (~30 min).")
     p.add_argument("--table-only", action="store_true", help="Only rewrite BENCHMARKS.md.")
     p.add_argument("--quick", action="store_true", help="Smoke run of each; writes nothing.")
+    p.add_argument("--compare-with", metavar="SRC", default=None,
+                   help="A source tree (e.g. a worktree of commit e2fd09a) that the main-command "
+                   "and serve benchmarks also time, side by side.")
     a = p.parse_args(argv)
-    asked = {"best": a.best, "sweep": a.sweep}
     names = [n for n in a.only.split(",") if n] or [
-        n for n in [*BENCHES, *TEXT_BENCHES] if n not in OPT_IN or asked[n] or a.quick
+        n for n in [*BENCHES, *TEXT_BENCHES]
+        if n not in SLOW or {"best": a.best, "sweep": a.sweep}[n] or a.quick
     ]
     unknown = set(names) - set(BENCHES) - set(TEXT_BENCHES)
     if unknown:
@@ -242,11 +291,13 @@ def main(argv: list[str] | None = None) -> int:
             if name in TEXT_BENCHES:
                 run_text_bench(name, a.quick)
             else:
-                BENCHES[name](["--quick"] if a.quick else [])
+                args = ["--quick"] if a.quick else []
+                if a.compare_with and name in COMPARABLE:
+                    args += ["--compare-with", a.compare_with]
+                BENCHES[name](args)
     if a.quick:
         return 0
-    results = {name: r for name in BENCHES if (r := bu.load_result(name)) is not None}
-    write_markdown(results)
+    write_markdown()
     return 0
 
 

@@ -108,19 +108,56 @@ def test_table_marks_met_and_missed_targets():
     lab = next(r for r in rows if r.startswith("| Lab recipe"))
     mem = next(r for r in rows if r.startswith("| Peak RSS"))
     assert "2.50 s" in lab and "42.0 s" not in lab and "41.0 s" in lab and "16.0×" in lab
-    assert lab.endswith("**yes** |")
-    assert "1200 MiB" in mem and mem.endswith("**no** |")
+    assert lab.endswith("| **yes** | d |")  # and the figure's date
+    assert "1200 MiB" in mem and mem.endswith("| **no** | d |")
 
 
-def test_table_reports_sweeps_without_a_target():
+def result(name: str, cpu: str, isa: list[str], date: str, met: bool) -> dict:
+    hw = {"date": date, "cpu": cpu, "cores": 2, "isa": isa, "caps": {}, "avx512": False,
+          "avx512_bf16": False, "torch": "t", "python": "p", "gpu": None,
+          "loadavg": [0.1, 0.2, 0.3], "cpu_flags": isa}
+    return {"name": name, "hardware": hw, "command": f"python benchmarks/bench_{name}.py",
+            "met": met, "rows": [benchutil.row(f"figure {name}", "1 s", "2 s", "2×", "≥ 2×", met)]}
+
+
+def test_each_machine_keeps_its_own_section(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchutil, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(benchutil, "REPO", tmp_path)
+    monkeypatch.setattr(benchutil, "HERE", tmp_path)
+    avx2 = result("lab", "EPYC", ["avx2"], "2026-12-01 10:00 UTC", True)
+    bf16 = result("lab", "EPYC", ["avx2", "avx512", "avx512_bf16"], "2026-11-21 10:00 UTC", False)
+    for r in (avx2, bf16):
+        benchutil.save_result("lab", r)
+    assert benchutil.machine_label(avx2["hardware"]) == "EPYC, 2 cores, AVX2"
+    run_all.write_markdown()
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert text.index("## EPYC, 2 cores, AVX2\n") < text.index(
+        "## EPYC, 2 cores, AVX-512 + AVX-512-BF16\n")  # newest first
+    assert "| figure lab | 1 s | 2 s | 2× | ≥ 2× | **yes** | 2026-12-01 |" in text
+    assert "| **no** | 2026-11-21 |" in text and "CPU flags: `avx2 avx512 avx512_bf16`" in text
+    # A new run on one machine replaces its figures and leaves the other machine's alone.
+    newer = result("lab", "EPYC", ["avx2"], "2026-12-02 09:00 UTC", False)
+    benchutil.save_result("lab", newer)
+    run_all.write_markdown()
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "2026-12-01" not in text and "| **no** | 2026-12-02 |" in text
+    assert "| **no** | 2026-11-21 |" in text
+    assert len(list((tmp_path / "results").iterdir())) == 2
+
+
+def test_sweep_rows_are_reported_not_targeted():
+    import bench_sweep
+
+    measured = {"workers": 2, "pruner": "median", "trials": 8, "pruned": 3,
+                "trials_per_hour": 120.4, "epochs_per_hour": 400.0, "loadavg": [2.5, 2, 2]}
+    figures = {"space": "lab-mlp", "rows_measured": [measured],
+               "search": {"trials": 20, "best": {"val_acc": 98.1}, "test_acc": 97.9},
+               "lab": {"val_acc": 97.6, "test_acc": 97.5}}
+    first, last = bench_sweep.table_rows(figures)
+    assert first["figure"].startswith("Sweep `lab-mlp`, 2 worker(s), pruner median")
+    assert first["mnistlab"] == "120/h (400 epochs/h)" and first["met"] is None
+    assert "98.10%" in last["mnistlab"] and "97.90%" in last["mnistlab"]
+    assert last["ratio"] == "+0.50 points" and last["met"] is None
     hw = fake_results()["lab"]["hardware"]
-    row = {"workers": 2, "pruner": "median", "trials": 8, "pruned": 3, "trials_per_hour": 120.4,
-           "epochs_per_hour": 400.0}
-    sweep = {"hardware": hw, "command": "c", "space": "lab-mlp", "rows": [row],
-             "search": {"trials": 20, "best": {"val_acc": 98.1}, "test_acc": 97.9},
-             "lab": {"val_acc": 97.6, "test_acc": 97.5}}
-    rows = run_all.table({"sweep": sweep})
-    assert rows[2].startswith("| Sweep `lab-mlp`, 2 worker(s), pruner median")
-    assert "120/h" in rows[2]
-    assert "98.10%" in rows[3] and "97.90%" in rows[3] and "+0.50 points" in rows[3]
-    assert all("reported, not targeted" in r for r in rows[2:])
+    lines = run_all.table({"sweep": {"hardware": hw, "rows": [first, last]}})
+    assert all(line.endswith("| reported, not targeted | – | d |") for line in lines[2:])

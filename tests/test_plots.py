@@ -63,6 +63,20 @@ def rgba(colour) -> tuple[float, ...]:
     return mcolors.to_rgba(colour)
 
 
+def tiles(fig):
+    """(title text, the 28×28 tile under it) of each image of a mosaic figure."""
+    (ax,) = fig.axes
+    canvas = np.asarray(ax.images[0].get_array())
+    out = []
+    for text in ax.texts:
+        if text.get_va() != "bottom":  # the titles sit on their tile; other texts below it
+            continue
+        x, y = text.get_position()
+        left, top = round(x - 14), round(y + 2)
+        out.append((text, canvas[top : top + 28, left : left + 28]))
+    return out
+
+
 def test_display_predictions_titles_and_mistakes_in_red(trained):
     y, logits = trained["labels"], trained["logits"]
     predicted = logits.argmax(1)
@@ -70,14 +84,19 @@ def test_display_predictions_titles_and_mistakes_in_red(trained):
     right = (predicted == y).nonzero().squeeze(1)[:5].tolist()
     indices = [right[0], wrong[0], right[1], right[2], wrong[1], right[3], wrong[2], right[4]]
     fig = plots.display_predictions(trained["images"], y, logits, indices=indices, cols=4)
-    assert len(fig.axes) == 8
-    for ax, i in zip(fig.axes, indices, strict=True):
-        title = ax.title
+    shown = tiles(fig)
+    assert len(shown) == 8
+    frames = [p for p in fig.axes[0].patches if rgba(p.get_edgecolor()) == RED]
+    assert len(frames) == 3
+    for (title, tile), i in zip(shown, indices, strict=True):
         assert title.get_text() == f"pred {int(predicted[i])} / true {int(y[i])}"
         mistake = i in wrong
         assert rgba(title.get_color()) == (RED if mistake else BLACK)
-        assert (rgba(ax.spines["left"].get_edgecolor()) == RED) == mistake
-        assert ax.images[0].get_array().shape == (28, 28)
+        np.testing.assert_array_equal(tile, trained["images"][i].numpy())  # the image itself
+        # A red frame around exactly the mistakes' tiles.
+        x, y0 = title.get_position()
+        framed = [f for f in frames if abs(f.get_x() + 15 - x) < 1 and abs(f.get_y() - y0) < 3]
+        assert len(framed) == int(mistake)
     assert "(3 mistakes, in red)" in fig._suptitle.get_text()
 
 
@@ -85,7 +104,7 @@ def test_display_predictions_is_a_seeded_random_sample(trained):
     args = (trained["images"], trained["labels"], trained["logits"])
 
     def titles(fig):
-        return [ax.title.get_text() for ax in fig.axes]
+        return [title.get_text() for title, _ in tiles(fig)]
 
     first = titles(plots.display_predictions(*args, n=16, seed=7))
     assert len(first) == 16 and all(TITLE.match(t) for t in first)
@@ -103,7 +122,7 @@ def test_display_predictions_rejects_mismatched_lengths(trained):
                                   trained["logits"][:10])
 
 
-def test_plot_metrics_train_loss_test_accuracy_and_validation(trained):
+def test_plot_metrics_each_measure_on_its_splits_together(trained):
     history = trained["history"]
     assert [r["epoch"] for r in history] == [1, 2]
     fig = plots.plot_metrics(history, title="lab")
@@ -112,14 +131,22 @@ def test_plot_metrics_train_loss_test_accuracy_and_validation(trained):
     assert acc_ax.get_title() == "Accuracy per epoch"
     assert loss_ax.get_xlabel() == acc_ax.get_xlabel() == "Epoch"
     assert [t for t in loss_ax.get_xticks()] == [1, 2]
+    # Training, test and validation loss in one panel; the three accuracies in the other.
+    assert [line.get_label() for line in loss_ax.get_lines()] == [
+        "training loss", "test loss", "validation loss"]
+    assert [line.get_label() for line in acc_ax.get_lines()] == [
+        "training accuracy", "test accuracy", "validation accuracy"]
     curves = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
-    assert set(curves) == {"training loss", "validation loss", "test accuracy",
-                           "validation accuracy"}
-    for label, key in (("training loss", "train_loss"), ("validation loss", "val_loss"),
-                       ("test accuracy", "test_acc"), ("validation accuracy", "val_acc")):
-        np.testing.assert_allclose(curves[label].get_ydata(), [r[key] for r in history])
-        np.testing.assert_allclose(curves[label].get_xdata(), [1, 2])
-    assert curves["validation loss"].get_linestyle() == "--"
+    for split, name in (("train", "training"), ("test", "test"), ("val", "validation")):
+        loss, acc = curves[f"{name} loss"], curves[f"{name} accuracy"]
+        np.testing.assert_allclose(loss.get_ydata(), [r[f"{split}_loss"] for r in history])
+        np.testing.assert_allclose(acc.get_ydata(), [r[f"{split}_acc"] for r in history])
+        np.testing.assert_allclose(loss.get_xdata(), [1, 2])
+        assert loss.get_color() == acc.get_color()  # a split has one colour in both panels
+        assert loss.get_linestyle() == acc.get_linestyle() == ("--" if split == "val" else "-")
+    assert len({curves[f"{n} loss"].get_color() for n in ("training", "test", "validation")}) == 3
+    assert [t.get_text() for t in loss_ax.get_legend().get_texts()] == [
+        "training loss", "test loss", "validation loss"]
     assert fig._suptitle.get_text() == "lab"
 
 
@@ -170,11 +197,14 @@ def test_plot_misclassified_most_confident_first_with_top3(trained):
     wrong = (predicted != y).nonzero().squeeze(1)
     expected = wrong[confidence[wrong].argsort(descending=True)][:8].tolist()
     fig = plots.plot_misclassified(trained["images"], y, probs, n=8, cols=4)
-    assert len(fig.axes) == 8
-    for ax, i in zip(fig.axes, expected, strict=True):
-        assert ax.get_title() == f"true {int(y[i])} → pred {int(predicted[i])}"
-        assert rgba(ax.title.get_color()) == RED
-        lines = ax.get_xlabel().splitlines()
+    shown = tiles(fig)
+    below = [t for t in fig.axes[0].texts if t.get_va() == "top"]
+    assert len(shown) == len(below) == 8
+    for (title, tile), text, i in zip(shown, below, expected, strict=True):
+        assert title.get_text() == f"true {int(y[i])} → pred {int(predicted[i])}"
+        assert rgba(title.get_color()) == RED
+        np.testing.assert_array_equal(tile, trained["images"][i].numpy())
+        lines = text.get_text().splitlines()
         assert len(lines) == 3
         top = probs[i].topk(3)
         for line, p, c in zip(lines, top.values, top.indices, strict=True):

@@ -186,8 +186,11 @@ def test_runs_queue_one_at_a_time(server, runs_dir):
     assert listed[b] == "queued" and listed[a] == "running"
     stopped = httpx.post(server.url + f"api/runs/{b}/stop", timeout=30)
     assert stopped.json()["status"] == "stopped"  # a queued run is dropped, never started
+    assert httpx.post(server.url + f"api/runs/{a}/stop", timeout=30).status_code == 200
     deadline = time.monotonic() + 120
-    while httpx.get(server.url + f"api/runs/{a}").json()["status"] != "complete":
+    while httpx.get(server.url + f"api/runs/{a}").json()["status"] in ("running", "stopping"):
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    assert not (runs_dir / b).exists()
+    assert not (runs_dir / b).exists()  # never started
+    listed = {r["name"] for r in httpx.get(server.url + "api/runs").json()["runs"]}
+    assert b not in listed

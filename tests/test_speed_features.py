@@ -10,13 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from mnistlab import training
+from mnistlab import hardware
 from mnistlab.config import TrainConfig, resolve_config
 from mnistlab.data import BatchLoader, load_mnist
 from mnistlab.errors import MnistlabError
 from mnistlab.experiment import train_run
+from mnistlab.hardware import Hardware, decide, idle_cores
 from mnistlab.models import create_model
-from mnistlab.training import auto_threads, build_optimizer, evaluate, idle_cores, train_epoch
+from mnistlab.training import build_optimizer, evaluate, fit, train_epoch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,24 +62,25 @@ def fake_stat(tmp_path, running: int):
 
 
 @pytest.mark.parametrize(("running", "idle"), [(1, 2), (2, 1), (3, 1), (9, 1)])
-def test_idle_cores_counts_the_other_running_processes(tmp_path, monkeypatch, running, idle):
-    monkeypatch.setattr(training.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+def test_idle_cores_counts_the_other_running_processes(tmp_path, running, idle):
     stat = fake_stat(tmp_path, running)  # procs_running counts this process too
-    assert idle_cores(samples=3, interval=0, stat=stat) == idle
+    assert idle_cores(samples=3, interval=0, stat=stat, cores=2) == idle
 
 
-def test_idle_cores_without_proc_stat_is_every_core(tmp_path, monkeypatch):
-    monkeypatch.setattr(training.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
-    assert idle_cores(samples=1, stat=str(tmp_path / "missing")) == 3
+def test_idle_cores_without_proc_stat_is_every_core(tmp_path):
+    assert idle_cores(samples=1, stat=str(tmp_path / "missing"), cores=3) == 3
 
 
-def test_auto_threads_stays_within_torch_default(monkeypatch):
-    assert 1 <= auto_threads() <= training.DEFAULT_THREADS
-    monkeypatch.setattr(training, "idle_cores", lambda: 64)
-    monkeypatch.setattr(training, "DEFAULT_THREADS", 2)
-    assert auto_threads() == 2
-    monkeypatch.setattr(training, "idle_cores", lambda: 1)
-    assert auto_threads() == 1
+def auto_threads(cfg: TrainConfig, idle: int = 2, torch_threads: int = 2, cores: int = 2) -> int:
+    hw = Hardware(os_isa=("avx2",), cores=cores, idle_cores=idle, torch_threads=torch_threads)
+    return decide(hw, cfg).threads.value
+
+
+def test_auto_threads_stay_within_torch_default_and_idle_cores():
+    big = resolve_config("fast")
+    assert auto_threads(big, idle=64, torch_threads=2, cores=64) == 2
+    assert auto_threads(big, idle=1) == 1
+    assert auto_threads(big, idle=2) == 2
 
 
 def test_bf16_autocast_trains_float32_weights_to_the_same_place(mnist):
@@ -126,8 +128,8 @@ def test_fastcnn_ignores_the_border_it_crops():
 
 
 def test_unknown_autocast_is_refused():
-    with pytest.raises(MnistlabError, match="unknown autocast 'fp16'; choose one of: none, bf16"):
-        resolve_config("lab", autocast="fp16")
+    with pytest.raises(MnistlabError, match="unknown autocast 'fp8'; choose one of: auto, none"):
+        resolve_config("lab", autocast="fp8")
 
 
 @pytest.mark.parametrize("recipe", ["fast", "best"])
@@ -144,9 +146,10 @@ def test_fast_recipe_runs_end_to_end_with_its_settings(tmp_path, data_root, mnis
     summary = train_run(cfg, root=data_root, runs_dir=tmp_path, name="fast", log=lambda _: None)
     run = tmp_path / "fast"
     saved = json.loads((run / "config.json").read_text())
-    assert saved["autocast"] == "bf16" and saved["channels_last"] is True
+    assert saved["autocast"] == "auto" and saved["channels_last"] is None  # decided per machine
     assert saved["model"] == "fastcnn"
-    assert json.loads((run / "environment.json").read_text())["threads"] == 1
+    env = json.loads((run / "environment.json").read_text())
+    assert env["threads"] == 1 and env["execution"]["threads"]["value"] == 1
     assert summary["test_acc"] > 85.0  # 4,000 images, one epoch
     # The saved weights are ordinary float32 and reproduce the reported accuracy.
     model = create_model("fastcnn")
@@ -160,7 +163,8 @@ def test_automatic_threads_are_recorded(tmp_path, data_root):
     cfg = TrainConfig(train_limit=640, epochs=1, threads=0, device="cpu")
     train_run(cfg, root=data_root, runs_dir=tmp_path, name="auto", log=lambda _: None)
     env = json.loads((tmp_path / "auto" / "environment.json").read_text())
-    assert 1 <= env["threads"] <= training.DEFAULT_THREADS
+    assert 1 <= env["threads"] <= hardware.DEFAULT_THREADS
+    assert env["execution"]["threads"]["value"] == env["threads"]
 
 
 def ema_fit(mnist, stop_after: int | None = None, resume_from=None):
@@ -189,7 +193,7 @@ def ema_fit(mnist, stop_after: int | None = None, resume_from=None):
             raise Stop
 
     try:
-        state = training.fit(model, opt, train, test, cfg, state=state,
+        state = fit(model, opt, train, test, cfg, state=state,
                              on_epoch_end=on_epoch_end, log=lambda _: None)
     except Stop:
         return None, None, saved[-1]
@@ -230,14 +234,12 @@ def test_bad_ema_decay_is_refused():
 )
 def test_forward_macs_counts_conv_and_linear_layers(name, macs):
     model = create_model(name).train()
-    assert training.forward_macs(model) == macs
-    assert training.forward_macs(model, (4, 1, 28, 28)) == 4 * macs
+    assert hardware.forward_macs(model) == macs
+    assert hardware.forward_macs(model, (4, 1, 28, 28)) == 4 * macs
     assert model.training  # the count leaves the mode as it was
 
 
-def test_small_models_train_on_one_thread(monkeypatch):
-    monkeypatch.setattr(training, "idle_cores", lambda: 2)
-    monkeypatch.setattr(training, "DEFAULT_THREADS", 2)
+def test_small_models_train_on_one_thread():
     state = torch.get_rng_state()
     assert auto_threads(resolve_config("lab")) == 1  # mlp, batch 64: 6.5M multiply-adds a step
     assert auto_threads(resolve_config("fast")) == 2  # fastcnn, batch 128: 178M

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import re
@@ -271,12 +272,15 @@ def test_optimizer_and_schedule_state_survive_a_resume(tmp_path, data_root, monk
 
 
 def test_a_resume_keeps_the_thread_count_the_run_started_with(tmp_path, data_root, monkeypatch):
-    from mnistlab import experiment
+    from mnistlab import hardware
 
     # CPU results depend on the thread count, and automatic threads follow the machine's load.
     kw = {"model": "mlp", "epochs": 2, "train_limit": 640, "threads": 0}
+    machine = hardware.describe()
+    monkeypatch.setattr(hardware, "SMALL_STEP_MACS", 0)  # the mlp gets one thread per idle core
     try:
-        monkeypatch.setattr(experiment, "auto_threads", lambda *_: 2)
+        monkeypatch.setattr(hardware, "describe", lambda: dataclasses.replace(
+            machine, cores=2, idle_cores=2, torch_threads=2))
         whole = tiny_run(tmp_path, data_root, "whole", **kw)
         real_write = runs.write_metrics
 
@@ -288,7 +292,8 @@ def test_a_resume_keeps_the_thread_count_the_run_started_with(tmp_path, data_roo
         with pytest.raises(MnistlabError, match="saved after epoch 1/2"):
             tiny_run(tmp_path, data_root, "cut", **kw)
         monkeypatch.setattr(runs, "write_metrics", real_write)
-        monkeypatch.setattr(experiment, "auto_threads", lambda *_: 1)  # the machine got busier
+        monkeypatch.setattr(hardware, "describe", lambda: dataclasses.replace(
+            machine, cores=2, idle_cores=1, torch_threads=2))  # the machine got busier
         train_run(resume=tmp_path / "cut", root=data_root, log=lambda line: None)
         assert torch.get_num_threads() == 2
     finally:

@@ -21,7 +21,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("none", "step", "cosine", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 AUGMENTATIONS = ("none", "affine")
-AUTOCASTS = ("none", "bf16")
+AUTOCASTS = ("auto", "none", "bf16", "fp16")  # auto: mnistlab.hardware decides
 
 
 @dataclass
@@ -53,8 +53,9 @@ class TrainConfig:
     aug_scale: float = 0.1  # affine: max relative zoom in or out
     aug_shear: float = 0.0  # affine: max shear in degrees
     aug_translate: float = 0.1  # affine: max shift as a fraction of the image size
-    autocast: str = "none"  # bf16: forward and backward in bfloat16 where safe (training only)
-    channels_last: bool = False  # NHWC memory layout for the model: faster convolutions on CPU
+    # How the run executes; auto: what mnistlab.hardware measured to pay on this machine.
+    autocast: str = "auto"  # none (float32), bf16 or fp16: the training forward's precision
+    channels_last: bool | None = None  # NHWC memory layout for the model; None: auto
     ema: float = 0.0  # decay of a moving average of the weights, evaluated and kept; 0: off
     mlp_step: bool = True  # mlp, logreg: gradients by mnistlab.mlpstep's written-out backward
     eval_test: bool = True  # test set after every epoch; off in sweeps (they choose on validation)
@@ -173,8 +174,7 @@ register_recipe(
 )
 register_recipe(
     "fast",
-    "Time to 99%: fastcnn, one epoch, AdamW one-cycle 0.01, batch 128, label smoothing 0.1, "
-    "bfloat16 autocast, channels-last.",
+    "Time to 99%: fastcnn, one epoch, AdamW one-cycle 0.01, batch 128, label smoothing 0.1.",
     model="fastcnn",
     optimizer="adamw",
     lr=0.01,
@@ -183,8 +183,6 @@ register_recipe(
     label_smoothing=0.1,
     batch_size=128,
     epochs=1,
-    autocast="bf16",
-    channels_last=True,
 )
 register_recipe(
     "best",
@@ -201,8 +199,6 @@ register_recipe(
     augment="affine",
     ema=0.999,
     val_split=0.1,
-    autocast="bf16",
-    channels_last=True,
 )
 
 

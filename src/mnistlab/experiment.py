@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -20,20 +19,12 @@ from typing import Any
 import torch
 
 from . import checkpoints as ck
-from . import distributed, runs
+from . import distributed, hardware, runs
 from .config import TrainConfig
 from .data import BatchLoader, load_mnist, normalize, split_indices
 from .errors import Interrupted, MnistlabError
 from .models import count_parameters, create_model
-from .training import (
-    FitState,
-    auto_threads,
-    build_optimizer,
-    build_scheduler,
-    evaluate,
-    fit,
-    select_device,
-)
+from .training import FitState, build_optimizer, build_scheduler, evaluate, fit
 
 
 @dataclasses.dataclass
@@ -107,6 +98,34 @@ def _check_resume(run_dir: Path, asked: dict[str, Any]) -> TrainConfig:
     return dataclasses.replace(saved, **runtime).validate()
 
 
+def recipe_line(cfg: TrainConfig) -> str:
+    """`Recipe: fast` and the flags that differ from it, e.g. `Recipe: lab with --epochs 2`."""
+    from .export import recipe_flags
+
+    flags = recipe_flags(cfg.to_dict())
+    return f"Recipe: {cfg.recipe}" + (f" with {' '.join(flags)}" if flags else "")
+
+
+def plan_execution(
+    cfg: TrainConfig, run_dir: Path | None = None, log: Callable[[str], None] | None = None
+) -> tuple[hardware.Hardware, hardware.Execution]:
+    """This machine and the decisions for `cfg` on it. A resumed run (`run_dir`) keeps the
+    automatic thread count it started with: CPU results depend on it, to the last bit."""
+    hw = hardware.describe()
+    execution = hardware.decide(hw, cfg)
+    started = _started_threads(run_dir) if run_dir is not None and not cfg.threads else None
+    if started is not None and started != execution.threads.value:
+        if started <= hw.cores:
+            choice = hardware.Choice(started, "kept from the run's start: CPU results depend on "
+                                     "the thread count")
+        else:
+            choice = hardware.Choice(hw.cores, f"the run started with {started} threads; this "
+                                     f"machine has {hw.cores} usable cores, so the last digits "
+                                     "may differ from an uninterrupted run")
+        execution = dataclasses.replace(execution, threads=choice)
+    return hw, execution
+
+
 def _started_threads(run_dir: Path) -> int | None:
     """The torch thread count a run started with, from its environment.json, if readable."""
     try:
@@ -156,6 +175,7 @@ def train_run(
     started: float | None = None,
     on_epoch: Callable[[dict[str, Any]], str | None] | None = None,
     tensorboard: str | os.PathLike[str] | None = None,
+    on_plan: Callable[[hardware.Hardware, hardware.Execution], None] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) a run and return its summary.
 
@@ -166,15 +186,31 @@ def train_run(
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 alone logs and writes.
     `tensorboard`: also log to TensorBoard event files under this folder (`mnistlab.tblog`).
+    `on_plan` is told the machine and the execution decided for it, before training starts.
     """
     started = time.perf_counter() if started is None else started
     group = distributed.start(cfg.device if cfg is not None else "auto")
     try:
         return _train(cfg, group, root=root, runs_dir=runs_dir, name=name, resume=resume,
                       resume_check=resume_check, log=log, progress=progress, started=started,
-                      on_epoch=on_epoch, tensorboard=tensorboard)  # fmt: skip
+                      on_epoch=on_epoch, tensorboard=tensorboard, on_plan=on_plan)  # fmt: skip
     finally:
         distributed.stop(group)
+
+
+def _for_rank(execution: hardware.Execution, group: distributed.Group,
+              cfg: TrainConfig) -> hardware.Execution:  # fmt: skip
+    """One rank's share of the execution: its own CUDA device under NCCL, and (threads not
+    set) the cores of its machine shared between the ranks on it."""
+    changes: dict[str, Any] = {}
+    if group.backend == "nccl":
+        changes["device"] = hardware.Choice(f"cuda:{group.local_rank}",
+                                            f"NCCL rank {group.rank}: local device")
+    if not cfg.threads and group.local_world > 1:
+        threads = max(1, execution.threads.value // group.local_world)
+        changes["threads"] = hardware.Choice(threads, f"{execution.threads.value} shared by "
+                                             f"{group.local_world} processes on this machine")
+    return dataclasses.replace(execution, **changes)
 
 
 def _resume_hint(run_dir: Path, group: distributed.Group | None) -> str:
@@ -198,6 +234,7 @@ def _train(
     started: float,
     on_epoch: Callable[[dict[str, Any]], str | None] | None,
     tensorboard: str | os.PathLike[str] | None,
+    on_plan: Callable[[hardware.Hardware, hardware.Execution], None] | None,
 ) -> dict[str, Any]:
     main = group is None or group.main
     if not main:
@@ -212,18 +249,21 @@ def _train(
         run_dir = None  # created once the data and model are known to be good
     if tensorboard is not None and not cfg.eval_test:
         raise MnistlabError("--tensorboard shows the test set each epoch; drop --no-eval-test")
-    # 0: one thread per idle core (a thread on a busy core stalls every op; see auto_threads).
-    # A resumed run keeps the count it started with: CPU results depend on it, to the last bit.
-    threads = cfg.threads or (resume is not None and _started_threads(run_dir)) or auto_threads(cfg)
-    if group is not None and not cfg.threads:  # the machine's cores are shared by its ranks
-        threads = max(1, threads // group.local_world)
-    torch.set_num_threads(threads)
-    if group is not None and group.backend == "nccl":
-        device = torch.device("cuda", group.local_rank)
-    else:
-        device = select_device(cfg.device)
-    log(f"Using device: {device}" + (f" ({group.world} processes, {group.backend})"
-                                     if group is not None else ""))  # fmt: skip
+    # Device, precision, layout and threads: decided (and refused) before anything is made.
+    hw, execution = plan_execution(cfg, run_dir)
+    if group is not None:
+        execution = _for_rank(execution, group, cfg)
+    if resume is None:
+        log(recipe_line(cfg))  # the whole config goes into <run>/config.json
+    for warning in execution.warnings:
+        log(warning)
+    torch.set_num_threads(execution.threads.value)
+    allocator = hardware.keep_freed_memory()
+    device = torch.device(execution.device.value)
+    log(hardware.hardware_line(hw, execution) + (
+        f" ({group.world} processes, {group.backend})" if group is not None else ""))
+    if on_plan is not None:
+        on_plan(hw, execution)
 
     data = make_loaders(cfg, root, device, group)
     torch.manual_seed(cfg.seed)
@@ -245,13 +285,15 @@ def _train(
         run_dir = runs.create_run_dir(runs_dir, name)
         try:
             runs.write_json(run_dir, runs.CONFIG, cfg.to_dict())
-            runs.write_json(run_dir, runs.ENVIRONMENT, runs.environment(str(device)))
+            runs.write_json(run_dir, runs.ENVIRONMENT, runs.environment(
+                str(device), hardware=hw.to_dict(), execution=execution.to_dict(),
+                allocator=allocator))
         except MnistlabError:
             shutil.rmtree(run_dir, ignore_errors=True)  # a folder without its config is no run
             raise
         log(f"Run folder: {run_dir}")
     else:
-        log("Config: " + json.dumps(cfg.to_dict()))
+        log(recipe_line(cfg))
         if (run_dir / ck.CHECKPOINT_NAME).is_file():
             state = _restore(run_dir / ck.CHECKPOINT_NAME, model, optimizer, scheduler, group)
             log(f"Resuming {run_dir} after epoch {state.epoch}/{cfg.epochs}")
@@ -341,6 +383,7 @@ def _train(
             progress=progress,
             reduce=reduce,
             on_step=on_step,
+            execution=execution,
         )
     except KeyboardInterrupt:
         if board is not None:

@@ -108,11 +108,17 @@ def verify_onnx(
 
 def train_command(config: dict[str, Any]) -> str:
     """The `mnistlab train` command line that resolves to `config` (a run's config.json)."""
+    recipe = config.get("recipe", "lab")
+    return " ".join(["mnistlab", "train", "--recipe", recipe, *recipe_flags(config)])
+
+
+def recipe_flags(config: dict[str, Any]) -> list[str]:
+    """The `mnistlab train` flags by which `config` differs from its recipe."""
     from .config import RECIPES, TrainConfig, resolve_config
 
     recipe = config.get("recipe", "lab")
     base = resolve_config(recipe if recipe in RECIPES else "lab").to_dict()
-    parts = ["mnistlab", "train", "--recipe", recipe]
+    parts: list[str] = []
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("recipe", "model_args") or f.name not in config:
             continue
@@ -124,7 +130,7 @@ def train_command(config: dict[str, Any]) -> str:
             parts.append(flag if value else f"--no-{flag[2:]}")
         else:
             parts += [flag, str(value)]
-    return " ".join(parts)
+    return parts
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -228,3 +234,100 @@ def write_onnx(
                 f"{target} was not written"
             )
     return check
+
+
+# --- onnxruntime as an inference engine (mnistlab.predict.Predictor) ------------------------
+
+# The graph a Predictor runs: pixels in [0, 1] [N, 1, 28, 28] → probabilities [N, 10].
+ENGINE_GRAPH = "probabilities-v1"
+STATE_KEY = "mnistlab_state_sha256"  # metadata: the digest of the weights the graph holds
+BUNDLED_ONNX = "default.onnx"
+
+
+class Probabilities(nn.Module):
+    """`model` behind the training normalization, ending in softmax."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.inner = Normalized(model)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.inner(pixels), dim=1)
+
+
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's class, weights and buffers, and of the engine graph's version:
+    the key of its ONNX graph."""
+    h = hashlib.sha256(f"{ENGINE_GRAPH}:{type(model).__name__}:{torch.__version__}".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def export_engine_graph(model: nn.Module, digest: str | None = None) -> bytes:
+    """The ONNX graph of `Probabilities(model)`, its weights' digest in its metadata."""
+    import io
+
+    import onnx
+
+    buffer = io.BytesIO()
+    wrapped = Probabilities(model).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        torch.onnx.export(
+            wrapped, (torch.zeros(2, 1, 28, 28),), buffer, dynamo=False, opset_version=OPSET,
+            input_names=["pixels"], output_names=["probabilities"],
+            dynamic_axes={"pixels": {0: "batch"}, "probabilities": {0: "batch"}},
+        )
+    model.eval()  # the exporter restores the wrapper's training flag recursively
+    proto = onnx.load_from_string(buffer.getvalue())
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = STATE_KEY, digest or state_digest(model)
+    return proto.SerializeToString()
+
+
+def _session(source: bytes | str, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, threads)
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # no warnings on stderr
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def engine_session(model: nn.Module, threads: int, bundled: Path | None = None):
+    """An onnxruntime session computing `Probabilities(model)` on CPU with `threads` threads.
+
+    The graph comes from `bundled` (a shipped .onnx) if it holds these very weights, else from
+    the decode cache ($MNISTLAB_CACHE/onnx), else it is exported now (a few seconds the first
+    time; cached after).
+    """
+    digest = state_digest(model)
+    if bundled is not None and bundled.is_file():
+        session = _session(str(bundled), threads)
+        if session.get_modelmeta().custom_metadata_map.get(STATE_KEY) == digest:
+            return session
+    from .data import _cache_dir
+
+    cache = _cache_dir()
+    path = cache / "onnx" / f"{digest[:32]}.onnx" if cache is not None else None
+    if path is not None and path.is_file():
+        try:
+            session = _session(str(path), threads)
+            if session.get_modelmeta().custom_metadata_map.get(STATE_KEY) == digest:
+                return session
+        except Exception:  # a damaged cache entry: made again below
+            pass
+    graph = export_engine_graph(model, digest)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            from .fileio import atomic_write_bytes
+
+            atomic_write_bytes(path, graph)
+        except OSError:
+            pass  # a cache is an optimization; an unwritable one is not an error
+    return _session(graph, threads)

@@ -305,13 +305,14 @@ def penultimate_features(
 
 
 TSNE_ITERATIONS = 500  # 250 with early exaggeration, 250 more: KL 0.88 vs 0.83 at sklearn's 1000
+TSNE_ANGLE = 0.65  # Barnes-Hut coarser than the 0.5 default: 15% less CPU, KL 0.884 vs 0.881
 
 
 def tsne_map(
     features: torch.Tensor | np.ndarray, seed: int = 0, threads: int | None = None
 ) -> np.ndarray:
     """The features in 2-D with scikit-learn's t-SNE (PCA initialisation, automatic learning
-    rate, perplexity 30, 500 iterations), as float32 [N, 2] scaled into [0, 1].
+    rate, perplexity 30, 500 iterations, angle 0.65), as float32 [N, 2] scaled into [0, 1].
 
     Its OpenMP threads are limited to the idle cores (`threads` overrides): on a busy machine a
     second thread made it 3× slower, not faster.
@@ -319,7 +320,7 @@ def tsne_map(
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
 
-    from .training import idle_cores
+    from .hardware import idle_cores
 
     f = np.asarray(torch.as_tensor(features).float().numpy(), dtype=np.float32)
     if len(f) < 5:
@@ -327,7 +328,7 @@ def tsne_map(
     perplexity = min(30.0, (len(f) - 1) / 3)
     with threadpool_limits(threads or idle_cores()):
         xy = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
-                  max_iter=TSNE_ITERATIONS, random_state=seed).fit_transform(f)
+                  max_iter=TSNE_ITERATIONS, angle=TSNE_ANGLE, random_state=seed).fit_transform(f)
     xy = xy - xy.min(0)
     return (xy / max(float(xy.max()), 1e-12)).astype(np.float32)
 

@@ -91,8 +91,9 @@ def lr_find(
     """
     from .augment import make_augmentation
     from .data import BatchLoader, load_mnist, split_indices
+    from .hardware import select_device
     from .models import create_model
-    from .training import build_optimizer, select_device
+    from .training import build_optimizer
 
     if not 0 < start_lr < end_lr < math.inf:
         raise MnistlabError(f"lr-find needs 0 < start < end, got {start_lr} and {end_lr}")

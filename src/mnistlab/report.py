@@ -8,6 +8,7 @@ nothing fetched) with each figure also written as a PNG in a folder beside it:
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import os
@@ -229,11 +230,14 @@ def build_report(
     root: str | os.PathLike[str] | None = None,
     log: Callable[[str], None] | None = None,
     inside: bool = False,
+    renderer: Any = None,
 ) -> Report:
     """Write the report of a run: HTML at `out` (default <run>/report.html), PNGs beside it.
 
     `inside` adds the views from inside the model (first layer, feature maps, integrated
     gradients, the t-SNE embedding map) and what test-time augmentation changes: seconds more.
+    `renderer` draws the main figures (a `mnistlab.render.FigurePool` started ahead of time, or
+    by default this process).
     """
     record = read_run(run, runs_dir)
     out_path = Path(out) if out is not None else default_report_path(record.path)
@@ -241,25 +245,27 @@ def build_report(
         raise MnistlabError(f"--out {out_path} is a folder; give the HTML file's path")
     fig_dir = figure_dir_for(out_path)
 
-    from . import plots
-    from .data import BatchLoader
-    from .metrics import classification_metrics, expected_calibration_error
-    from .models import MODELS, count_parameters
-    from .training import predict_logits
+    from .render import FigureJob, LocalRenderer
 
-    figures = [
-        ReportFigure("curves", "Training curves",
-               "Training loss and test accuracy after each epoch; validation dashed, if the "
-               "run held out a validation split.",
-               plots.figure_png(plots.plot_metrics(record.history))),
+    # (key, title, caption, job) of each figure; drawn together below.
+    planned: list[tuple[str, str, str, FigureJob]] = [
+        ("curves", "Training curves",
+         "Loss and accuracy after each epoch, on the training set (the running figures of the "
+         "epoch), the test set and, dashed, the validation split if the run held one out.",
+         FigureJob("plot_metrics", (record.history,))),
     ]
     model, weights_from = _load_weights(record)
     evaluation: dict[str, Any] | None = None
-    eval_set = "test"
     inside_figures: list[ReportFigure] = []
     tta: dict[str, Any] | None = None
     embedding: dict[str, Any] | None = None
+    eval_set = "test"
     if model is not None:
+        from .data import BatchLoader
+        from .metrics import classification_metrics, expected_calibration_error
+        from .models import count_parameters
+        from .training import predict_logits
+
         images, labels, eval_set = _evaluation_images(record.config, root)
         batch = int(record.config.get("eval_batch_size") or 1000)
         logits, y = predict_logits(model, BatchLoader(images, labels, batch))
@@ -268,32 +274,42 @@ def build_report(
         evaluation["ece"] = expected_calibration_error(probs, y)
         evaluation["parameters"] = count_parameters(model)
         seed = int(record.config.get("seed", 0) or 0)
-        figures += [
-            ReportFigure("per_class", "Precision, recall and F1 by digit",
-                   "How often a predicted digit is right (precision), how many of each digit "
-                   "are found (recall), and their harmonic mean (F1).",
-                   plots.figure_png(plots.plot_per_class(evaluation))),
-            ReportFigure("confusion_matrix", "Confusion matrix",
-                   "Rows are the true digit, columns the prediction; off the diagonal are the "
-                   "mistakes.",
-                   plots.figure_png(plots.plot_confusion_matrix(
-                       evaluation["confusion_matrix"],
-                       title=f"Confusion matrix ({evaluation['count']:,} {eval_set} images)"))),
-            ReportFigure("predictions", f"Predictions on random {eval_set} images",
-                   "Each title is predicted / true label; mistakes are red and framed.",
-                   plots.figure_png(plots.display_predictions(
-                       images, y, logits, n=24, seed=seed, cols=8))),
-            ReportFigure("misclassified", "Most confident mistakes",
-                   "The wrong predictions the model was surest of, with its three most "
-                   "probable digits.",
-                   plots.figure_png(plots.plot_misclassified(images, y, probs, n=12))),
-            ReportFigure("calibration", "Calibration",
-                   "Accuracy against confidence per bin: a red tick above its bar means the "
-                   "model was over-confident there. ECE is the count-weighted mean gap.",
-                   plots.figure_png(plots.plot_calibration(probs, y))),
+        # Plain arrays: the figures may be drawn in processes without torch.
+        images_np, y_np, probs_np = images.numpy(), y.numpy(), probs.numpy()
+        planned += [
+            ("per_class", "Precision, recall and F1 by digit",
+             "How often a predicted digit is right (precision), how many of each digit are "
+             "found (recall), and their harmonic mean (F1).",
+             FigureJob("plot_per_class", (evaluation["per_class"],))),
+            ("confusion_matrix", "Confusion matrix",
+             "Rows are the true digit, columns the prediction; off the diagonal are the "
+             "mistakes.",
+             FigureJob("plot_confusion_matrix", (evaluation["confusion_matrix"],),
+                       {"title": f"Confusion matrix ({evaluation['count']:,} {eval_set} images)"})),
+            ("predictions", f"Predictions on random {eval_set} images",
+             "Each title is predicted / true label; mistakes are red and framed.",
+             FigureJob("display_predictions", (images_np, y_np, probs_np.argmax(1)),
+                       {"n": 24, "seed": seed, "cols": 8})),
+            ("misclassified", "Most confident mistakes",
+             "The wrong predictions the model was surest of, with its three most probable "
+             "digits.",
+             FigureJob("plot_misclassified", (images_np, y_np, probs_np), {"n": 12})),
+            ("calibration", "Calibration",
+             "Accuracy against confidence per bin: a red tick above its bar means the model "
+             "was over-confident there. ECE is the count-weighted mean gap.",
+             FigureJob("plot_calibration", (probs_np, y_np))),
         ]
-        if inside:
-            inside_figures, tta, embedding = _inside(model, images, y, logits, seed, log)
+    pending = (renderer or LocalRenderer()).start([job for *_, job in planned])
+    # While the figures are drawn elsewhere: the inside views, jinja2's import, the templates.
+    if model is not None and inside:
+        inside_figures, tta, embedding = _inside(model, images, y, logits, seed, log)
+    _templates()
+    from .models import MODELS
+
+    figures = [
+        ReportFigure(key, title, caption, png)
+        for (key, title, caption, _), png in zip(planned, pending(), strict=True)
+    ]
 
     try:
         fig_dir.mkdir(parents=True, exist_ok=True)
@@ -326,7 +342,7 @@ def build_report(
             model_class=entry.cls.__name__ if entry else model_name,
             planned_epochs=record.config.get("epochs"),
             config_rows=_rows(record.config),
-            environment_rows=_rows(record.environment or {}),
+            environment_rows=_environment_rows(record.environment or {}),
             epoch_columns=_epoch_columns(record.history),
             figure_dir=os.path.relpath(fig_dir, out_path.parent),
         )
@@ -390,6 +406,20 @@ def _inside(model, images, labels, logits, seed: int, log: Callable[[str], None]
 
 def _rows(d: dict[str, Any]) -> list[tuple[str, str]]:
     return [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in d.items()]
+
+
+def _environment_rows(env: dict[str, Any]) -> list[tuple[str, str]]:
+    """environment.json as rows; the hardware and the decisions made for it one row each."""
+    rows = []
+    for key, value in env.items():
+        if key in ("hardware", "execution") and isinstance(value, dict):
+            for sub, v in value.items():
+                if isinstance(v, dict) and set(v) == {"value", "reason"}:
+                    v = f"{json.dumps(v['value'])} ({v['reason']})"
+                rows += _rows({f"{key}.{sub}": v})
+        else:
+            rows += _rows({key: value})
+    return rows
 
 
 EPOCH_COLUMNS = (
@@ -576,10 +606,9 @@ def _unique_labels(records: Sequence[RunRecord]) -> list[str]:
 # --- HTML -------------------------------------------------------------------------------------
 
 
-def _render(template: str, **context: Any) -> str:
+@functools.cache
+def _templates() -> Any:
     import jinja2
-
-    from . import __version__
 
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
@@ -590,6 +619,12 @@ def _render(template: str, **context: Any) -> str:
     )
     env.filters["pct"] = _pct
     env.filters["fmt"] = _fmt
-    return env.get_template(template).render(
+    return env
+
+
+def _render(template: str, **context: Any) -> str:
+    from . import __version__
+
+    return _templates().get_template(template).render(
         version=__version__, generated=time.strftime("%Y-%m-%d %H:%M:%S %z"), **context
     )

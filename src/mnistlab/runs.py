@@ -168,7 +168,9 @@ def write_json(run_dir: Path, name: str, obj: Any) -> None:
         raise MnistlabError(f"could not save {run_dir / name}: {e.strerror or e}") from None
 
 
-def environment(device: str) -> dict[str, Any]:
+def environment(device: str, **more: Any) -> dict[str, Any]:
+    """Versions, machine and thread count of a run, plus `more` (the hardware and the
+    decisions made for it, from mnistlab.hardware)."""
     import torch
 
     from . import __version__
@@ -183,18 +185,15 @@ def environment(device: str) -> dict[str, Any]:
         "device": device,
         "threads": torch.get_num_threads(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **more,
     }
 
 
 def cpu_name() -> str:
     """The CPU model name, for environment records and benchmark headers."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from .hardware import cpu_name
+
+    return cpu_name()
 
 
 def is_complete(run_dir: Path) -> bool:

@@ -1,14 +1,15 @@
 """The lab's training loop, lean: `train_epoch`, `evaluate` and `fit`, usable from Python.
 
-Batches come from an in-memory BatchLoader; per step the loop does only what the lab does
-(zero_grad, forward, loss, backward, step) plus two scalar reads for the running metrics.
+Batches come from an in-memory BatchLoader on the model's device; per step the loop does only
+what the lab does (zero_grad, forward, loss, backward, step). It reads nothing back from the
+device per step: the running metrics are kept as device tensors and read at the log points.
+How a run executes (device, precision, layout, threads) is decided in `mnistlab.hardware`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -20,8 +21,12 @@ from torch import nn
 
 from .augment import make_augmentation
 from .config import TrainConfig
+from .hardware import Execution, decide, describe, select_device
 from .mlpstep import MLPStep
 from .optim import FusedAdam
+
+__all__ = ["FitState", "build_optimizer", "build_scheduler", "evaluate", "fit", "predict_logits",
+           "select_device", "train_epoch"]  # select_device: its home is mnistlab.hardware
 
 Log = Callable[[str], None]
 # Sums a float64 tensor of running totals over the processes of a distributed run, in place.
@@ -29,101 +34,6 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 # Called at each progress line with {"step", "steps", "loss", "acc"} (the interval's numbers);
 # fit adds "epoch". The run folder's steps.jsonl and TensorBoard's step scalars come from here.
 StepHook = Callable[[dict[str, Any]], None]
-# torch's own choice (physical cores, or $OMP_NUM_THREADS), before anyone lowers it.
-DEFAULT_THREADS = torch.get_num_threads()
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA, then Apple MPS, then CPU; a named device must be available."""
-    from .errors import MnistlabError
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MnistlabError("--device cuda: no CUDA device is available here; use --device cpu")
-    if name == "mps" and not (
-        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-    ):
-        raise MnistlabError("--device mps: Apple MPS is not available here; use --device cpu")
-    return torch.device(name)
-
-
-def idle_cores(samples: int = 5, interval: float = 0.004, stat: str = "/proc/stat") -> int:
-    """CPU cores this process may use that no other process is running on right now.
-
-    From the kernel's count of runnable tasks (/proc/stat procs_running, ourselves included),
-    the median of a few samples; all usable cores where that count is not available.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
-    counts = []
-    for i in range(samples):
-        try:
-            with open(stat, "rb") as f:
-                for line in f:
-                    if line.startswith(b"procs_running"):
-                        counts.append(int(line.split()[1]))
-                        break
-        except (OSError, ValueError):
-            return cores
-        if i + 1 < samples:
-            time.sleep(interval)
-    if not counts:
-        return cores
-    others = sorted(counts)[len(counts) // 2] - 1
-    return max(1, min(cores, cores - others))
-
-
-# Below this many multiply-adds in a training batch's forward pass, a second thread's sync costs
-# about what it saves (the lab's mlp at batch 64: 6.5M, 1.1x at best; fastcnn at 128: 178M, 2x).
-SMALL_STEP_MACS = 20_000_000
-
-
-def forward_macs(model: nn.Module, shape: tuple[int, ...] = (1, 1, 28, 28)) -> int:
-    """Multiply-adds of a forward pass on a batch of `shape` (Conv2d and Linear layers)."""
-    total = 0
-
-    def count(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(module, nn.Linear):
-            total += output.numel() * module.in_features
-        elif isinstance(module, nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1]
-            total += output.numel() * k * module.in_channels // module.groups
-
-    hooks = [m.register_forward_hook(count) for m in model.modules()
-             if isinstance(m, (nn.Linear, nn.Conv2d))]
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(shape, device=next(model.parameters()).device))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return total
-
-
-def auto_threads(cfg: TrainConfig | None = None) -> int:
-    """Threads for `threads=0`: one per idle core, never more than torch's default; one alone
-    when `cfg`'s model does too little work per training step to share it.
-
-    An OpenMP team waits at every op for its slowest thread, so a thread that shares its core
-    with another busy process can make a run many times slower; one thread too few costs at most
-    that thread's share.
-    """
-    if cfg is not None:
-        from .models import create_model
-
-        with torch.random.fork_rng(devices=[]):  # a throwaway model: leave the seed alone
-            macs = forward_macs(create_model(cfg.model, **cfg.model_args))
-        if macs * cfg.batch_size < SMALL_STEP_MACS:
-            return 1
-    return max(1, min(DEFAULT_THREADS, idle_cores()))
 
 
 def build_optimizer(cfg: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -177,6 +87,51 @@ def _progress(loader, desc: str, enabled: bool):
     return tqdm(total=len(loader), desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
+class RunningMetrics:
+    """Loss and correct predictions of the steps since the last read, kept on the device.
+
+    A step only keeps references to its loss and logits (no op, no read); `sums()` reduces them
+    into one device tensor [loss sum, correct, seen], which the log points read with a single
+    transfer. That tensor is where a check for divergence, or an all-reduce across processes,
+    belongs.
+    """
+
+    FOLD = 256  # steps between reductions on the device: bounds what is kept between log points
+
+    def __init__(self) -> None:
+        self._losses: list[torch.Tensor] = []
+        self._sizes: list[int] = []
+        self._logits: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+        self._folded: torch.Tensor | None = None
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        if loss.requires_grad:  # keep the values, not the graph
+            loss, logits = loss.detach(), logits.detach()
+        self._losses.append(loss)
+        self._sizes.append(y.shape[0])
+        self._logits.append(logits)
+        self._labels.append(y)
+        if len(self._losses) >= self.FOLD:
+            self._folded = self._reduce()
+
+    def _reduce(self) -> torch.Tensor | None:
+        if not self._losses:
+            return self._folded
+        losses = torch.stack(self._losses).float()
+        device = losses.device
+        sizes = torch.tensor(self._sizes, dtype=torch.float32, device=device)
+        correct = (torch.cat(self._logits).argmax(1) == torch.cat(self._labels)).sum()
+        out = torch.stack([losses.dot(sizes), correct.float(), sizes.sum()])
+        self._losses, self._sizes, self._logits, self._labels = [], [], [], []
+        return out if self._folded is None else out + self._folded
+
+    def sums(self) -> torch.Tensor | None:
+        """[loss sum, correct, seen] since the last call, on the device (None: no steps)."""
+        out, self._folded = self._reduce(), None
+        return out
+
+
 def train_epoch(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -192,6 +147,7 @@ def train_epoch(
     desc: str = "train",
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     autocast: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
     ema: torch.optim.swa_utils.AveragedModel | None = None,
     mlp_step: bool = True,
     reduce: Reduce | None = None,
@@ -203,15 +159,16 @@ def train_epoch(
     with the loss and accuracy over that interval. With `mlp_step`, models that `MLPStep` can
     train (plain MLPs under cross-entropy, no autocast) get their gradients without autograd.
     `reduce` sums the interval's totals over the processes of a distributed run, at those same
-    log points (and so at the epoch's end).
+    log points (and so at the epoch's end). `scaler` scales the loss of float16 training
+    against underflow.
     """
     model.train()
     hand = MLPStep.for_model(model, loss_fn) if mlp_step and autocast is None else None
     steps = len(loader)  # type: ignore[arg-type]
     bar = _progress(loader, desc, progress)
     write = (bar.write if bar is not None else log) if log else None
+    metrics = RunningMetrics()
     total_loss = total_correct = total_seen = 0.0
-    int_loss = int_correct = int_seen = 0.0
     device = torch.device(device) if device is not None else None
     for step, (x, y) in enumerate(loader, start=1):
         if device is not None and x.device != device:
@@ -229,23 +186,28 @@ def train_epoch(
                     logits = model(x)
                 logits = logits.float()
             loss = loss_fn(logits, y)
-            loss.backward()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                if grad_clip > 0:
+                    scaler.unscale_(optimizer)
+            else:
+                loss.backward()
         if grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        if scaler is not None and hand is None:
+            scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+            scaler.update()
+        else:
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
-        n = y.shape[0]
-        batch_loss = loss.item() * n
-        batch_correct = (logits.argmax(1) == y).sum().item()
-        int_loss += batch_loss
-        int_correct += batch_correct
-        int_seen += n
+        metrics.add(loss, logits, y)
         if log_every and (step % log_every == 0 or step == steps):
-            if reduce is not None:
-                int_loss, int_correct, int_seen = _reduced(reduce, int_loss, int_correct, int_seen)
+            # The one read of the interval: loss sum, correct, seen (over every process).
+            sums = _summed(metrics.sums(), reduce, device)
+            int_loss, int_correct, int_seen = sums.tolist() if sums is not None else (0, 0, 0)
             if write and int_seen:
                 write(
                     f"Step {step}/{steps} - Loss: {int_loss / int_seen:.3f} | "
@@ -257,19 +219,19 @@ def train_epoch(
             total_loss += int_loss
             total_correct += int_correct
             total_seen += int_seen
-            int_loss = int_correct = int_seen = 0.0
-            if bar is not None:
+            if bar is not None and total_seen:
                 bar.set_postfix(
                     loss=f"{total_loss / total_seen:.3f}",
                     acc=f"{100 * total_correct / total_seen:.2f}%",
                 )
         if bar is not None:
             bar.update()
-    if reduce is not None and not log_every:
-        int_loss, int_correct, int_seen = _reduced(reduce, int_loss, int_correct, int_seen)
-    total_loss += int_loss
-    total_correct += int_correct
-    total_seen += int_seen
+    sums = _summed(metrics.sums(), reduce, device)  # steps after the last log point
+    if sums is not None:
+        rest_loss, rest_correct, rest_seen = sums.tolist()
+        total_loss += rest_loss
+        total_correct += rest_correct
+        total_seen += rest_seen
     if bar is not None:
         bar.close()
     if not total_seen:
@@ -277,8 +239,11 @@ def train_epoch(
     return total_loss / total_seen, 100.0 * total_correct / total_seen
 
 
-def _reduced(reduce: Reduce, *values: float) -> list[float]:
-    return reduce(torch.tensor(values, dtype=torch.float64)).tolist()
+def _summed(sums: torch.Tensor | None, reduce: Reduce | None, device: Any) -> torch.Tensor | None:
+    """`sums` added up over the processes (every process takes part, with or without steps)."""
+    if reduce is None:
+        return sums
+    return reduce(sums if sums is not None else torch.zeros(3, device=device))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -309,20 +274,20 @@ def evaluate(
     loss_fn: nn.Module | None = None,
     reduce: Reduce | None = None,
 ) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy in %) of `model` on `loader`; with `reduce`, over
-    the loaders of every process of a distributed run."""
+    """(mean cross-entropy loss, accuracy in %) of `model` on `loader`, read once at the end;
+    with `reduce`, over the loaders of every process of a distributed run."""
     model.eval()
     device = next(model.parameters()).device
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    total_loss = correct = seen = 0.0
+    metrics = RunningMetrics()
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        logits = model(x)
-        total_loss += float(loss_fn(logits, y)) * y.shape[0]
-        correct += int((logits.argmax(1) == y).sum())
-        seen += y.shape[0]
-    if reduce is not None:
-        total_loss, correct, seen = _reduced(reduce, total_loss, correct, seen)
+        logits = model(x).float()
+        metrics.add(loss_fn(logits, y), logits, y)
+    sums = _summed(metrics.sums(), reduce, device)
+    if sums is None:
+        return math.nan, math.nan
+    total_loss, correct, seen = sums.tolist()
     return total_loss / seen, 100.0 * correct / seen
 
 
@@ -339,6 +304,7 @@ class FitState:
     stopped_early: bool = False
     stop_reason: str | None = None  # why on_epoch_end stopped the fit, e.g. "pruned"
     ema_state: dict[str, torch.Tensor] | None = None  # the weight average, with cfg.ema
+    scaler_state: dict[str, Any] | None = None  # the loss scale, when training in float16
 
 
 def _with_epoch(hook: StepHook, epoch: int) -> StepHook:
@@ -360,6 +326,7 @@ def fit(
     progress: bool = False,
     reduce: Reduce | None = None,
     on_step: StepHook | None = None,
+    execution: Execution | None = None,
 ) -> FitState:
     """Train for `cfg.epochs`, evaluating after every epoch; early-stop on validation loss.
 
@@ -368,7 +335,9 @@ def fit(
     `on_epoch_end` sees the state after each epoch; if it returns True the fit stops there
     (it sets `state.stop_reason`). `model` may be a DistributedDataParallel wrapper; `reduce`
     then sums metrics over its processes.
-    `on_step` gets each progress line's numbers, with the epoch.
+    `on_step` gets each progress line's numbers, with the epoch. `execution` says how
+    (precision, layout: see `mnistlab.hardware.decide`); by default it is decided for this
+    machine and the model's device. Threads are the caller's to set.
     """
     state = state or FitState()
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -380,9 +349,16 @@ def fit(
     )
     net = unwrap(model)  # what is evaluated and averaged; `model` is what trains
     device = next(model.parameters()).device
-    if cfg.channels_last:
+    if execution is None:
+        execution = decide(describe(), cfg, device=device.type)
+    if execution.channels_last.value:
         model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its params
-    autocast = torch.bfloat16 if cfg.autocast == "bf16" else None
+    autocast = execution.autocast
+    scaler = None
+    if execution.grad_scaler:
+        scaler = torch.amp.GradScaler(device.type)
+        if state.scaler_state is not None:
+            scaler.load_state_dict(state.scaler_state)
     ema = None
     if cfg.ema:
         # An exponential moving average of the weights (and BatchNorm statistics): evaluated
@@ -414,6 +390,7 @@ def fit(
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             transform=transform,
             autocast=autocast,
+            scaler=scaler,
             ema=ema,
             mlp_step=cfg.mlp_step,
             reduce=reduce,
@@ -421,6 +398,8 @@ def fit(
         )
         if ema is not None:
             state.ema_state = ema.state_dict()
+        if scaler is not None:
+            state.scaler_state = scaler.state_dict()
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": train_loss,

@@ -28,6 +28,7 @@ COMMANDS = {
     "compare": "report:compare",
     "sweep": "sweep:sweep",
     "lr-find": "lrfind:lr_find",
+    "doctor": "doctor:doctor",
 }
 
 
@@ -68,6 +69,7 @@ HELP = {
     "compare": "Several runs side by side: curves overlaid, final metrics in one table.",
     "sweep": "Hyperparameter sweeps on Optuna (SQLite or a database), each trial a run.",
     "lr-find": "The learning-rate range test: plot and a suggested learning rate.",
+    "doctor": "The hardware, torch, what auto decides and why, the data and the bundled model.",
 }
 
 

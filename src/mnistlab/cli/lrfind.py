@@ -39,10 +39,10 @@ def lr_find(recipe, model, optimizer, batch_size, seed, threads, train_limit, st
 
     import torch
 
+    from ..hardware import decide, describe
     from ..lrfind import lr_find as run
-    from ..training import auto_threads
 
-    torch.set_num_threads(cfg.threads or auto_threads(cfg))
+    torch.set_num_threads(decide(describe(), cfg).threads.value)  # --threads checked here too
     result = run(cfg, root, start_lr=start_lr, end_lr=end_lr, steps=steps)
     if out is not None:
         from .. import plots

@@ -30,7 +30,8 @@ FIELD_HELP = {
     "epochs": "Epochs. Default: 5.",
     "seed": "Random seed. Default: 0.",
     "device": "auto, cpu, cuda or mps. Default: auto (CUDA, then MPS, then CPU).",
-    "threads": "Torch CPU threads; 0: one for small models, else one per idle core.",
+    "threads": "Torch CPU threads, at most the usable cores; 0: one for small models, else one "
+    "per idle core.",
     "train_limit": "Advanced: train on the first N training images only (for quick tests).",
     "val_split": "Hold out this fraction of the training set for validation. Default: off.",
     "early_stop": "Stop when validation loss has not improved for N epochs. Default: off.",
@@ -40,14 +41,17 @@ FIELD_HELP = {
     "aug_scale": "affine: max zoom in or out, as a fraction. Default: 0.1.",
     "aug_shear": "affine: max shear in degrees. Default: 0.",
     "aug_translate": "affine: max shift, as a fraction of the image. Default: 0.1.",
-    "autocast": "none, or bf16: train in bfloat16 where safe (evaluation stays float32).",
-    "channels_last": "Channels-last (NHWC) memory layout: faster convolutions on CPU.",
+    "autocast": "Training precision: auto, none (float32), bf16 or fp16 (evaluation stays "
+    "float32). Default: auto, bfloat16 only where it is native (`mnistlab doctor`).",
+    "channels_last": "Channels-last (NHWC) memory layout. Default: auto, where it was measured "
+    "to pay.",
     "ema": "Keep a moving average of the weights with this decay (e.g. 0.999); 0 is off.",
     "mlp_step": "mlp and logreg: gradients from a written-out backward pass instead of autograd "
     "(the same maths, faster). Default: on.",
     "eval_test": "Evaluate on the test set after every epoch and at the end. Default: on.",
 }
 SKIP = {"recipe", "model_args"}
+FLAG_TYPES = {"channels_last": bool}  # None-by-default fields: None is auto
 
 
 class LearningRate(click.ParamType):
@@ -69,7 +73,7 @@ def _config_options(func):
 
     for f in reversed([f for f in dataclasses.fields(TrainConfig) if f.name not in SKIP]):
         flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default)
+        kind = FLAG_TYPES.get(f.name, type(f.default))
         if kind is bool:
             func = click.option(
                 f"{flag}/--no-{flag[2:]}", f.name, default=None, help=FIELD_HELP.get(f.name, "")
@@ -160,8 +164,6 @@ def train(recipe, config_file, model_args, nproc, name, runs_dir, resume, as_jso
         if auto_lr:
             cfg = _find_lr(cfg, root, log)
         asked = {}
-        if not launching:
-            log("Config: " + json.dumps(cfg.to_dict()))
     if launching:
         ctx = click.get_current_context()
         argv = distributed.without_option((ctx.find_root().obj or {}).get("argv")
@@ -170,29 +172,47 @@ def train(recipe, config_file, model_args, nproc, name, runs_dir, resume, as_jso
             argv = [*distributed.without_option(argv, "--lr"), "--lr", repr(cfg.lr)]
         distributed.launch(nproc, argv, resume=resume)
         return
-    summary = train_run(
-        cfg,
-        root=root,
-        runs_dir=runs_dir,
-        name=name,
-        resume=resume,
-        resume_check=asked,
-        log=log,
-        progress=sys.stderr.isatty() and not no_progress,
-        started=started,
-        tensorboard=tensorboard,
-    )
-    if not main_rank:
-        return
-    if not no_report:
-        from ..errors import MnistlabError
-        from ..report import build_report
+    # The report's figures are drawn by workers started now, on a core the training leaves
+    # idle: their matplotlib import overlaps the training, and they draw in parallel after it.
+    pool = None
 
-        try:  # the run is saved whatever happens here; a failed report is only a warning
-            done = build_report(summary["run_dir"], root=root, log=log)
-            log(f"Report: {done.path}")
-        except MnistlabError as e:
-            log(f"warning: no report ({e}); try `mnistlab report {summary['run_dir']}`")
+    def on_plan(hw, execution) -> None:
+        nonlocal pool
+        from ..hardware import spare_cores
+
+        if not no_report and main_rank and spare_cores(hw, execution) >= 1:
+            from ..render import FigurePool
+
+            pool = FigurePool(workers=2)
+
+    try:
+        summary = train_run(
+            cfg,
+            root=root,
+            runs_dir=runs_dir,
+            name=name,
+            resume=resume,
+            resume_check=asked,
+            log=log,
+            progress=sys.stderr.isatty() and not no_progress,
+            started=started,
+            tensorboard=tensorboard,
+            on_plan=on_plan,
+        )
+        if not main_rank:
+            return
+        if not no_report:
+            from ..errors import MnistlabError
+            from ..report import build_report
+
+            try:  # the run is saved whatever happens here; a failed report is only a warning
+                done = build_report(summary["run_dir"], root=root, log=log, renderer=pool)
+                log(f"Report: {done.path}")
+            except MnistlabError as e:
+                log(f"warning: no report ({e}); try `mnistlab report {summary['run_dir']}`")
+    finally:
+        if pool is not None:
+            pool.close()
     if as_json:
         click.echo(json.dumps(summary))
 
@@ -219,11 +239,11 @@ def _find_lr(cfg, root, log):
 
     import torch
 
+    from ..hardware import decide, describe
     from ..lrfind import lr_find
-    from ..training import auto_threads
 
     previous = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or auto_threads(cfg))
+    torch.set_num_threads(decide(describe(), cfg).threads.value)  # --threads checked here too
     try:
         found = lr_find(cfg, root)
     finally:
